@@ -1,0 +1,94 @@
+"""`TopdConfig`: every knob of the TOPD objective (DESIGN section 2; docs/method.md explains each one).
+
+The lead's top-level config nests this dataclass; `validate()` fails early with the field name and the fix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+VARIANTS = ("opd", "opd_suppress", "topd")
+CANDIDATE_MODES = ("top_k", "fraction")
+POSITION_WEIGHTINGS = ("uniform", "geometric", "ot_plan")
+EMBEDDING_SOURCES = ("student", "teacher")
+
+
+@dataclass
+class TopdConfig:
+    # Objective variant: plain OPD, OPD with suppression of low-divergence candidates, or full TOPD.
+    variant: str = "topd"
+    # Candidates (step 3): top-k per response at least `min_gap` tokens apart, or a global top fraction.
+    candidate_mode: str = "top_k"
+    top_k: int = 3
+    min_gap: int = 8
+    candidate_fraction: float = 0.01
+    # Near-future probe (step 4): window length K, continuations per side, sampling of the probes.
+    window: int = 50
+    samples_per_side: int = 1
+    probe_temperature: float = 1.0  # the paper's rollout temperature; keep equal to the rollout temperature
+    probe_greedy: bool = False
+    probe_top_p: float = 1.0
+    # Divergence (step 5): whose input-embedding table defines the OT cost 1 - cos.
+    embedding_source: str = "student"
+    # Suppression (step 6): bottom `low_fraction` by OT distance (or distance < `threshold`) get weight `w_low`.
+    low_fraction: float = 0.3
+    threshold: float | None = None
+    w_low: float = 0.0
+    # Trajectory guidance (step 7): L = L_OPD + lambda_traj * L_traj; per-position weights within a window.
+    lambda_traj: float = 1.0
+    position_weighting: str = "uniform"
+    gamma: float = 0.9
+
+    def validate(self) -> "TopdConfig":
+        """Raise ValueError naming the first bad field and how to fix it; return self for chaining."""
+        _choice("variant", self.variant, VARIANTS)
+        _choice("candidate_mode", self.candidate_mode, CANDIDATE_MODES)
+        _choice("position_weighting", self.position_weighting, POSITION_WEIGHTINGS)
+        _choice("embedding_source", self.embedding_source, EMBEDDING_SOURCES)
+        _int_at_least("top_k", self.top_k, 1)
+        _int_at_least("min_gap", self.min_gap, 1, "(1 means adjacent candidates are allowed)")
+        _int_at_least("window", self.window, 1)
+        _int_at_least("samples_per_side", self.samples_per_side, 1)
+        _number_in("candidate_fraction", self.candidate_fraction, 0.0, 1.0, lo_open=True)
+        _number_in("low_fraction", self.low_fraction, 0.0, 1.0, hi_open=True)
+        _number_in("probe_top_p", self.probe_top_p, 0.0, 1.0, lo_open=True)
+        _number_in("gamma", self.gamma, 0.0, 1.0, lo_open=True)
+        _number_in("w_low", self.w_low, 0.0, math.inf)
+        _number_in("lambda_traj", self.lambda_traj, 0.0, math.inf)
+        if self.threshold is not None:
+            _number_in("threshold", self.threshold, 0.0, 2.0)
+        if not isinstance(self.probe_greedy, bool):
+            raise ValueError(f"topd.probe_greedy={self.probe_greedy!r}: use true or false")
+        if not self.probe_greedy:
+            _number_in("probe_temperature", self.probe_temperature, 0.0, math.inf, lo_open=True)
+        elif self.samples_per_side != 1:
+            raise ValueError(
+                f"topd.samples_per_side={self.samples_per_side} with probe_greedy=true: greedy windows are identical, "
+                "set samples_per_side=1 or probe_greedy=false"
+            )
+        return self
+
+    @property
+    def sampling_temperature(self) -> float:
+        """Temperature handed to the continuation sampler (0.0 = greedy, see `ContinuationSampler`)."""
+        return 0.0 if self.probe_greedy else float(self.probe_temperature)
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"topd.{name}={value!r} is not supported: use one of {', '.join(allowed)}")
+
+
+def _int_at_least(name: str, value: object, lo: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"topd.{name}={value!r}: use an integer >= {lo} {note}".rstrip())
+
+
+def _number_in(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"topd.{name}={value!r}: use a number in {left}{lo}, {hi}{right}")

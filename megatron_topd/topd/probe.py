@@ -1,0 +1,128 @@
+"""Steps 3-7 in one call: candidates -> near-future windows -> OT divergence -> weights -> guidance batch.
+
+The trainer calls `run_probe` after scoring a rollout batch (``l_t`` known), then runs the teacher and student
+forward on ``result.guidance`` (variant ``topd``) and hands everything to `loss.topd_loss`.
+With ``group`` (the TP group), only the group's first rank talks to the samplers and broadcasts the windows, so
+every TP rank holds identical windows; all ranks must call (the embedding lookup all-reduces).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_topd.topd.candidates import select_candidates
+from megatron_topd.topd.config import TopdConfig
+from megatron_topd.topd.divergence import window_divergence
+from megatron_topd.topd.sampler import ContinuationSampler
+from megatron_topd.topd.weights import divergence_weights, token_weights
+from megatron_topd.topd.windows import GuidanceBatch, ProbeRequests, build_guidance, build_requests, check_continuations
+
+
+@dataclass
+class ProbeResult:
+    """Everything the loss and the logs need; per-candidate tensors follow ``requests`` order."""
+
+    candidates: list[list[int]]
+    requests: ProbeRequests
+    teacher_windows: list[list[list[int]]]
+    student_windows: list[list[list[int]]]
+    ot_distances: torch.Tensor  # [C] float64
+    candidate_weights: torch.Tensor  # [C] float32
+    divergent: torch.Tensor  # [C] bool
+    token_weights: torch.Tensor  # [B, T] float32, token-aligned
+    guidance: GuidanceBatch | None  # variant "topd" only
+
+
+def run_probe(
+    tokens: torch.Tensor,
+    token_loss: torch.Tensor,
+    response_mask: torch.Tensor,
+    cfg: TopdConfig,
+    *,
+    teacher: ContinuationSampler | None,
+    student: ContinuationSampler | None,
+    embed,
+    pad_id: int,
+    seed: int | None = None,
+    group=None,
+) -> ProbeResult:
+    """Probe the candidates of a scored batch (token-aligned ``token_loss``/``response_mask``, see `positions`).
+
+    The teacher sampler gets ``seed``, the student's ``seed + 1``. Samplers may be None on ranks that are not the
+    group's first rank. ``embed(ids) -> rows`` is the (vocabulary-parallel) lookup of ``cfg.embedding_source``'s table.
+    """
+    cfg.validate()
+    if tokens.shape != token_loss.shape:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} != token_loss shape {tuple(token_loss.shape)}")
+    if cfg.variant == "opd":
+        return _plain(tokens, response_mask)
+    if cfg.candidate_mode == "top_k":
+        candidates = select_candidates(token_loss, response_mask, top_k=cfg.top_k, min_gap=cfg.min_gap)
+    else:
+        candidates = select_candidates(
+            token_loss, response_mask, top_k=None, min_gap=cfg.min_gap, fraction=cfg.candidate_fraction
+        )
+    requests = build_requests(tokens, candidates)
+    teacher_w, student_w = _sample_windows(requests, cfg, teacher, student, seed, group)
+    div = window_divergence(
+        teacher_w, student_w, embed, with_transport=cfg.variant == "topd" and cfg.position_weighting == "ot_plan"
+    )
+    weights, divergent = divergence_weights(
+        div.distance, low_fraction=cfg.low_fraction, threshold=cfg.threshold, w_low=cfg.w_low
+    )
+    guidance = None
+    if cfg.variant == "topd":
+        guidance = build_guidance(
+            requests, teacher_w, divergent, weighting=cfg.position_weighting, gamma=cfg.gamma,
+            transport=div.transport, pad_id=pad_id,
+        )
+    return ProbeResult(
+        candidates=candidates,
+        requests=requests,
+        teacher_windows=teacher_w,
+        student_windows=student_w,
+        ot_distances=div.distance,
+        candidate_weights=weights,
+        divergent=divergent,
+        token_weights=token_weights(response_mask, candidates, weights),
+        guidance=guidance,
+    )
+
+
+def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group):
+    if len(requests) == 0:
+        return [], []
+    src_rank = 0 if group is None else dist.get_global_rank(group, 0)
+    is_src = group is None or dist.get_rank() == src_rank
+    payload: list = [None, None]
+    if is_src:
+        if teacher is None or student is None:
+            raise ValueError("run_probe needs teacher and student samplers on the group's first rank")
+        kwargs = dict(max_new_tokens=cfg.window, n=cfg.samples_per_side, temperature=cfg.sampling_temperature,
+                      top_p=cfg.probe_top_p)
+        payload = [
+            teacher.continue_prefixes(requests.prefixes, seed=seed, **kwargs),
+            student.continue_prefixes(requests.prefixes, seed=None if seed is None else seed + 1, **kwargs),
+        ]
+        for who, w in zip(("teacher", "student"), payload):
+            check_continuations(w, len(requests), cfg.samples_per_side, cfg.window, who)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.broadcast_object_list(payload, src=src_rank, group=group)
+    return payload[0], payload[1]
+
+
+def _plain(tokens: torch.Tensor, response_mask: torch.Tensor) -> ProbeResult:
+    empty = torch.zeros(0)
+    return ProbeResult(
+        candidates=[[] for _ in range(tokens.shape[0])],
+        requests=ProbeRequests([], []),
+        teacher_windows=[],
+        student_windows=[],
+        ot_distances=empty.double(),
+        candidate_weights=empty.float(),
+        divergent=empty.bool(),
+        token_weights=torch.ones(response_mask.shape, dtype=torch.float32, device=response_mask.device),
+        guidance=None,
+    )
