@@ -46,9 +46,14 @@ def _rank_main(rank: int, job: _Job, queue) -> None:
         LOCAL_WORLD_SIZE=str(job.world_size),
         **job.env,
     )
+    import warnings
+
     import torch
     import torch.distributed as dist
 
+    # Megatron-Core and torch.distributed warn about deprecations on every rank; keep test logs readable.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(job.threads)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=job.world_size)

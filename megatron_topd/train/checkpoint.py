@@ -81,6 +81,19 @@ def _ensure_optimizer_state(optimizer) -> None:
                     state["step"] = torch.zeros((), dtype=torch.float32)
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """Give each parameter its own Adam `step` tensor after a load.
+
+    Without TE/apex fused Adam, Megatron's DistributedOptimizer.load_state_dict puts ONE step tensor into every
+    parameter's state; torch's Adam then increments that shared tensor once per parameter per step, which corrupts
+    the bias correction after a resume. Found by tests/distributed/test_checkpoint.py.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
 def _sharded_state(model_chunks, optimizer, scheduler, *, is_loading: bool) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -167,6 +180,7 @@ def load_checkpoint(
     unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
