@@ -13,12 +13,23 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", required=name == "train", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=1e-6")
     args = parser.parse_args(argv)
+    _quiet_library_warnings()
     try:
         from megatron_topd.train import loop  # noqa: F401
     except ImportError:
         print(f"megatron-topd {args.command}: the training loop is not built yet (see the open issues)", file=sys.stderr)
         return 2
     return loop.main(args.command, args.config, args.overrides)
+
+
+def _quiet_library_warnings() -> None:
+    """Megatron-Core and torch.distributed.checkpoint warn about their own deprecations on every rank and step."""
+    import warnings
+
+    for module in ("megatron", "torch.distributed", "torch.jit"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 if __name__ == "__main__":
