@@ -13,4 +13,7 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q -c requirements/pin.txt torch==2.13.0
 "$PIP" install -q -c requirements/pin.txt -r requirements/sglang-cpu.txt
 "$PIP" install -q -c requirements/pin.txt --no-deps sglang==0.5.23 torchvision==0.28.0
-"$VENV/bin/python" -c "import sglang, torch; print('sglang', sglang.__version__, 'torch', torch.__version__)"
+# Check with the CPU shims on the path, exactly as SGLangServer launches it on CPU (torchvision fails without them).
+SHIMS="$(cd "$(dirname "$0")/.." && pwd)/megatron_topd/rollout/cpu_shims"
+SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$SHIMS${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -c \
+  "import sglang, torch, torchvision, sglang.srt.entrypoints.http_server; print('sglang', sglang.__version__, 'torch', torch.__version__)"

@@ -1,0 +1,386 @@
+"""`SGLangClient`: batched generation, teacher scoring and TOPD continuation windows over SGLang's HTTP API.
+
+Token ids in, token ids out (the trainer owns tokenization). Every call validates its inputs before sending anything
+(an out-of-range id or an empty prompt crashes an SGLang server), spreads one HTTP request per prompt over the
+servers (`ServerPool`), retries failed requests elsewhere, and validates every answer: each sample carries a request
+id (rid) of its own, and an answer is accepted only if it holds exactly the rids that were sent, in order. A call
+therefore returns every requested sample exactly once, or raises.
+
+Sync methods (`generate`, `score`, `continue_prefixes`) wrap the async ones (`agenerate`, `ascore`) for callers that
+are not in an event loop, such as the training loop. `continue_prefixes` implements `topd.sampler.ContinuationSampler`.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import json
+import math
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import aiohttp
+
+from .errors import InvalidResponse
+from .pool import Retryable, ServerPool, post_json
+from .sampling import SamplingParams
+from .validation import check_token_sequences
+
+FINISH_REASONS = ("stop", "length", "abort")
+_CALLS = itertools.count()
+
+
+@dataclass
+class Generation:
+    """One sampled response."""
+
+    token_ids: list[int]  # new tokens only; ends with the EOS/stop id when finish_reason == "stop"
+    logprobs: list[float] | None  # log-prob of each token under the server's (unscaled) distribution
+    top_logprobs: list[list[tuple[int, float]]] | None  # per position: (token id, log-prob), best first
+    finish_reason: str  # "stop" | "length"
+    weight_version: str  # the server's weight version when the request finished
+    prompt_tokens: int
+
+
+@dataclass
+class Score:
+    """Log-probs of given tokens (teacher scoring): position i scores token `start + i` given all tokens before it."""
+
+    start: int
+    token_logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    weight_version: str
+
+
+class SGLangClient:
+    """Client of one or more SGLang servers serving the same model."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        vocab_size: int | None = None,
+        context_length: int | None = None,
+        request_timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        max_retries: int = 3,
+        retry_backoff_s: float = 0.5,
+        max_inflight_per_server: int = 64,
+        server_cooldown_s: float = 5.0,
+        progress: bool | None = None,
+    ):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        self.pool = ServerPool(urls, max_inflight=max_inflight_per_server, cooldown_s=server_cooldown_s)
+        self.urls = self.pool.urls
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.progress = progress
+        self._tag = uuid.uuid4().hex[:8]
+
+    @classmethod
+    def from_config(cls, cfg, urls: Sequence[str] | None = None) -> "SGLangClient":
+        """Client for a validated `RolloutConfig`; the vocabulary size comes from `<model_path>/config.json`."""
+        vocab = None
+        config_json = Path(cfg.model_path) / "config.json" if cfg.model_path else None
+        if config_json is not None and config_json.is_file():
+            vocab = json.loads(config_json.read_text()).get("vocab_size")
+        if vocab is None:
+            warnings.warn(f"no vocab_size in {config_json}: token ids will not be range-checked, and an out-of-range "
+                          "id crashes an SGLang server; pass vocab_size= to SGLangClient")
+        return cls(
+            list(urls or cfg.urls),
+            vocab_size=vocab,
+            context_length=cfg.context_length,
+            request_timeout_s=cfg.request_timeout_s,
+            connect_timeout_s=cfg.connect_timeout_s,
+            max_retries=cfg.max_retries,
+            retry_backoff_s=cfg.retry_backoff_s,
+            max_inflight_per_server=cfg.max_inflight_per_server,
+        )
+
+    # --- generation -------------------------------------------------------------------------------------------
+    async def agenerate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        return_logprobs: bool = True,
+        top_logprobs: int = 0,
+        _what: str = "prompts",
+    ) -> list[list[Generation]]:
+        """`params.n` generations per prompt: `result[i][j]` is sample j of prompt i."""
+        params.validate(self.vocab_size)
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens=0 generates nothing: use score() to get log-probs of given tokens")
+        _check_top_logprobs(top_logprobs, self.vocab_size)
+        prompts = check_token_sequences(
+            prompts, what=_what, vocab_size=self.vocab_size,
+            max_new_tokens=params.max_new_tokens, context_length=self.context_length,
+        )
+        call = f"{self._tag}-{next(_CALLS)}"
+        return await self._run_jobs(
+            lambda session: [
+                self._generate_one(session, call, i, p, params, return_logprobs, top_logprobs)
+                for i, p in enumerate(prompts)
+            ],
+            what="generate",
+            total_samples=len(prompts) * params.n,
+        )
+
+    def generate(self, prompts, params: SamplingParams, **kw) -> list[list[Generation]]:
+        return _run_sync(self.agenerate(prompts, params, **kw), "agenerate")
+
+    async def _generate_one(self, session, call, index, prompt, params, return_logprobs, top_logprobs):
+        # Greedy samples are identical: compute one and copy it n times.
+        n_sent = 1 if params.greedy else params.n
+
+        def payload(attempt: int) -> dict:
+            return {
+                "input_ids": [prompt] * n_sent,
+                "rid": [_rid(call, index, j, attempt) for j in range(n_sent)],
+                "sampling_params": [params.for_sample(index, j) for j in range(n_sent)],
+                "return_logprob": return_logprobs or top_logprobs > 0,
+                "top_logprobs_num": top_logprobs,
+                "logprob_start_len": -1,  # outputs only
+            }
+
+        def check(body: Any, attempt: int) -> list[Generation]:
+            items = _expect_list(body, n_sent, f"generate prompt {index}")
+            return [
+                _parse_generation(item, _rid(call, index, j, attempt), params, len(prompt), self.vocab_size,
+                                  return_logprobs, top_logprobs, f"prompt {index} sample {j}")
+                for j, item in enumerate(items)
+            ]
+
+        gens = await self._post(session, "/generate", payload, check, f"generate(prompt {index})")
+        return [copy.deepcopy(gens[0]) for _ in range(params.n)] if params.greedy else gens
+
+    # --- teacher scoring ----------------------------------------------------------------------------------------
+    async def ascore(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        start: int | Sequence[int] = 1,
+        top_logprobs: int = 0,
+    ) -> list[Score]:
+        """Log-probs of `sequences[i][start_i:]`, each token given all tokens before it (`max_new_tokens=0`).
+
+        `start` >= 1 (token 0 has no context); pass the prompt length to score only the response.
+        """
+        seqs = check_token_sequences(sequences, what="sequences", vocab_size=self.vocab_size,
+                                     context_length=self.context_length)
+        _check_top_logprobs(top_logprobs, self.vocab_size)
+        starts = [start] * len(seqs) if isinstance(start, int) else list(start)
+        if len(starts) != len(seqs):
+            raise ValueError(f"start has {len(starts)} entries for {len(seqs)} sequences: give one per sequence")
+        for i, (s, seq) in enumerate(zip(starts, seqs)):
+            if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < len(seq):
+                raise ValueError(f"start[{i}]={s!r}: use 1 <= start < len(sequences[{i}])={len(seq)}")
+        call = f"{self._tag}-{next(_CALLS)}"
+        return await self._run_jobs(
+            lambda session: [self._score_one(session, call, i, seq, s, top_logprobs)
+                             for i, (seq, s) in enumerate(zip(seqs, starts))],
+            what="score",
+            total_samples=len(seqs),
+        )
+
+    def score(self, sequences, **kw) -> list[Score]:
+        return _run_sync(self.ascore(sequences, **kw), "ascore")
+
+    async def _score_one(self, session, call, index, seq, start, top_logprobs) -> Score:
+        def payload(attempt: int) -> dict:
+            return {
+                "input_ids": [seq],
+                "rid": [_rid(call, index, 0, attempt)],
+                "sampling_params": [{"max_new_tokens": 0, "temperature": 0.0}],
+                "return_logprob": True,
+                # SGLang returns None for the token at logprob_start_len itself, values from the next one on.
+                "logprob_start_len": start - 1,
+                "top_logprobs_num": top_logprobs,
+            }
+
+        def check(body: Any, attempt: int) -> Score:
+            (item,) = _expect_list(body, 1, f"score sequence {index}")
+            where = f"score sequence {index}"
+            meta = _meta(item, _rid(call, index, 0, attempt), where)
+            lps = meta.get("input_token_logprobs")
+            want = len(seq) - start + 1
+            if not isinstance(lps, list) or len(lps) != want:
+                raise InvalidResponse(f"{where}: expected {want} input_token_logprobs, got {_short(lps)}")
+            if [e[1] for e in lps] != seq[start - 1:]:
+                raise InvalidResponse(f"{where}: the scored token ids differ from the sequence sent")
+            values = [_logprob(e[0], where) for e in lps[1:]]
+            tops = None
+            if top_logprobs:
+                raw = meta.get("input_top_logprobs")
+                if not isinstance(raw, list) or len(raw) != want:
+                    raise InvalidResponse(f"{where}: expected {want} input_top_logprobs, got {_short(raw)}")
+                tops = [_parse_top(r, top_logprobs, self.vocab_size, where) for r in raw[1:]]
+            return Score(start, values, tops, str(meta.get("weight_version", "")))
+
+        return await self._post(session, "/generate", payload, check, f"score(sequence {index})")
+
+    # --- TOPD near-future windows (topd.sampler.ContinuationSampler) ------------------------------------------
+    def continue_prefixes(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        n: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[list[list[int]]]:
+        """`n` continuations (new token ids, ending with EOS when stopped early) of each prefix, used verbatim."""
+        return _run_sync(self.acontinue_prefixes(prefixes, max_new_tokens=max_new_tokens, n=n,
+                                                 temperature=temperature, top_p=top_p, seed=seed),
+                         "acontinue_prefixes")
+
+    async def acontinue_prefixes(self, prefixes, *, max_new_tokens, n, temperature, top_p, seed):
+        params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed)
+        gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes")
+        return [[g.token_ids for g in row] for row in gens]
+
+    # --- plumbing -----------------------------------------------------------------------------------------------
+    async def _post(self, session, path, payload, check, what):
+        return await post_json(
+            session, self.pool, path, payload, check, what=what,
+            max_retries=self.max_retries, backoff_s=self.retry_backoff_s, timeout=self.timeout,
+        )
+
+    async def _run_jobs(self, make_jobs, *, what: str, total_samples: int) -> list:
+        """Run one coroutine per prompt; results in prompt order, each exactly once; first failure cancels the rest."""
+        show = self.progress if self.progress is not None else total_samples >= 256
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tasks = [asyncio.ensure_future(c) for c in make_jobs(session)]
+            index = {t: i for i, t in enumerate(tasks)}
+            results: list = [None] * len(tasks)
+            filled = [False] * len(tasks)
+            bar = _progress(show, len(tasks), what)
+            try:
+                pending = set(tasks)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        i = index[t]
+                        if filled[i]:
+                            raise InvalidResponse(f"{what}: request {i} completed twice")
+                        results[i], filled[i] = t.result(), True  # re-raises the request's error
+                        if bar is not None:
+                            bar.update(1)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if bar is not None:
+                    bar.close()
+        if not all(filled):
+            raise InvalidResponse(f"{what}: {filled.count(False)} requests never completed")
+        return results
+
+
+# --- response parsing ---------------------------------------------------------------------------------------------
+def _rid(call: str, index: int, sample: int, attempt: int) -> str:
+    return f"{call}-p{index}-s{sample}-a{attempt}"
+
+
+def _expect_list(body: Any, n: int, where: str) -> list:
+    if isinstance(body, dict) and n == 1:
+        body = [body]
+    if not isinstance(body, list) or len(body) != n:
+        raise InvalidResponse(f"{where}: expected a list of {n} results, got {_short(body)}")
+    return body
+
+
+def _meta(item: Any, rid: str, where: str) -> dict:
+    if not isinstance(item, dict) or not isinstance(item.get("meta_info"), dict):
+        raise InvalidResponse(f"{where}: result without meta_info: {_short(item)}")
+    meta = item["meta_info"]
+    if meta.get("id") != rid:
+        raise InvalidResponse(f"{where}: answer for request {meta.get('id')!r} where {rid!r} was expected")
+    return meta
+
+
+def _parse_generation(item, rid, params, prompt_len, vocab, want_lps, top_k, where) -> Generation:
+    meta = _meta(item, rid, where)
+    reason = (meta.get("finish_reason") or {}).get("type")
+    if reason == "abort":  # e.g. aborted by a weight sync or an overloaded server: generate it again
+        raise Retryable(f"{where}: generation aborted by the server ({meta.get('finish_reason')})")
+    if reason not in FINISH_REASONS:
+        raise InvalidResponse(f"{where}: unknown finish_reason {meta.get('finish_reason')!r}")
+    ids = item.get("output_ids")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise InvalidResponse(f"{where}: output_ids is not a list of ints: {_short(ids)}")
+    if not 1 <= len(ids) <= params.max_new_tokens:
+        raise InvalidResponse(f"{where}: {len(ids)} tokens for max_new_tokens={params.max_new_tokens}")
+    if reason == "length" and len(ids) != params.max_new_tokens:
+        raise InvalidResponse(f"{where}: finish_reason 'length' after {len(ids)} < {params.max_new_tokens} tokens")
+    if any(t < 0 or (vocab is not None and t >= vocab) for t in ids):
+        raise InvalidResponse(f"{where}: output token ids outside [0, {vocab})")
+    if meta.get("completion_tokens") != len(ids) or meta.get("prompt_tokens") != prompt_len:
+        raise InvalidResponse(
+            f"{where}: counts disagree: completion_tokens={meta.get('completion_tokens')} for {len(ids)} ids, "
+            f"prompt_tokens={meta.get('prompt_tokens')} for {prompt_len}"
+        )
+    logprobs = tops = None
+    if want_lps:
+        lps = meta.get("output_token_logprobs")
+        if not isinstance(lps, list) or len(lps) != len(ids) or [e[1] for e in lps] != ids:
+            raise InvalidResponse(f"{where}: output_token_logprobs do not match output_ids: {_short(lps)}")
+        logprobs = [_logprob(e[0], where) for e in lps]
+    if top_k:
+        raw = meta.get("output_top_logprobs")
+        if not isinstance(raw, list) or len(raw) != len(ids):
+            raise InvalidResponse(f"{where}: expected {len(ids)} output_top_logprobs, got {_short(raw)}")
+        tops = [_parse_top(r, top_k, vocab, where) for r in raw]
+    return Generation(ids, logprobs, tops, reason, str(meta.get("weight_version", "")), prompt_len)
+
+
+def _parse_top(row: Any, k: int, vocab: int | None, where: str) -> list[tuple[int, float]]:
+    if not isinstance(row, list) or len(row) != min(k, vocab or k):
+        raise InvalidResponse(f"{where}: expected {k} top log-probs per position, got {_short(row)}")
+    out = [(int(e[1]), _logprob(e[0], where)) for e in row]
+    if any(b[1] > a[1] + 1e-6 for a, b in zip(out, out[1:])):
+        raise InvalidResponse(f"{where}: top log-probs are not sorted best first")
+    return out
+
+
+def _logprob(x: Any, where: str) -> float:
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x) or x > 1e-4:
+        raise InvalidResponse(f"{where}: invalid log-prob {x!r}")
+    return float(x)
+
+
+def _check_top_logprobs(k: int, vocab: int | None) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (vocab is not None and k > vocab):
+        raise ValueError(f"top_logprobs={k!r}: use an integer in [0, {vocab or 'vocab_size'}] (0 = off)")
+
+
+def _short(x: Any) -> str:
+    s = repr(x)
+    return s if len(s) <= 200 else s[:200] + "..."
+
+
+def _progress(show: bool, total: int, what: str):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"sglang {what}", unit="req", disable=os.environ.get("TQDM_DISABLE") == "1")
+
+
+def _run_sync(coro, async_name: str):
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError(f"called from inside a running event loop: use `await client.{async_name}(...)` instead")

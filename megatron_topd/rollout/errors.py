@@ -1,0 +1,22 @@
+"""Exceptions of the rollout layer: each says what failed, where, and what to do."""
+from __future__ import annotations
+
+
+class RolloutError(RuntimeError):
+    """Base class of rollout-layer failures."""
+
+
+class ServerStartError(RolloutError):
+    """An SGLang server exited or did not become healthy in time; the message quotes its log tail."""
+
+
+class RequestFailed(RolloutError):
+    """A request failed on every attempt (retries exhausted), or failed in a way retrying cannot fix."""
+
+
+class InvalidResponse(RolloutError):
+    """A server answered with something that does not match the request (lengths, ids, ranges)."""
+
+
+class WeightSyncError(RolloutError):
+    """A server refused or failed a weight update; generation may still be paused on it."""

@@ -1,0 +1,41 @@
+"""The trainer's end of SGLang's weight-update process group (`/init_weights_update_group`).
+
+SGLang builds that group on its side with torch's rendezvous over `tcp://master_address:master_port`, a PrefixStore
+named after the group, and torch's (private) `_new_process_group_helper`; trainer rank 0 must build the same group as
+rank 0, or the stores' keys do not meet. The group lives outside the trainer's default process group (which may not
+exist, or may hold only trainer ranks). Trainer and servers should run the same torch version (the store layout is
+torch's).
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+from torch.distributed import distributed_c10d as c10d
+
+
+def new_update_group(master_address: str, master_port: int, world_size: int, group_name: str, backend: str,
+                     timeout_s: float) -> "torch.distributed.ProcessGroup":
+    """Create the group as rank 0 (blocks until all `world_size` ranks have joined)."""
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, _ = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    pg, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
+        group_name=group_name, timeout=timeout,
+    )
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def broadcast_from_rank0(tensor: torch.Tensor, pg) -> None:
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+def destroy(pg) -> None:
+    try:
+        torch.distributed.destroy_process_group(pg)
+    except Exception:  # noqa: BLE001 - teardown of a group whose peers may be gone
+        pass

@@ -1,0 +1,62 @@
+"""Failures against real SGLang servers: a server killed mid-batch, and servers that never become healthy."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from megatron_topd.rollout import RequestFailed, SamplingParams, ServerStartError, SGLangClient, SGLangServer
+from megatron_topd.testing.tiny_hf import hf_greedy
+
+from .conftest import sglang_python
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
+
+
+def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(rollout_target, spare_server, tmp_path):
+    victim = spare_server
+    try:
+        # the victim serves the original checkpoint; make both servers serve the same weights for the comparison
+        from megatron_topd.rollout.weight_sync import DiskWeightSync
+
+        DiskWeightSync([victim.url], tmp_path / "sync").sync(iter(rollout_target.state.items()), rollout_target.version)
+        client = SGLangClient([rollout_target.url, victim.url], vocab_size=1000, max_retries=3, retry_backoff_s=0.05)
+        prompts = [[(17 * i + j) % 1000 for j in range(3 + i % 5)] for i in range(16)]
+        params = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+        victim_slot = next(s for s in client.pool._servers if s.url == victim.url)
+
+        async def run():
+            task = asyncio.ensure_future(client.agenerate(prompts, params))
+            while victim_slot.inflight == 0:  # wait until the victim holds part of the batch
+                await asyncio.sleep(0.01)
+            victim.kill()
+            return await task
+
+        gens = asyncio.run(run())
+        assert victim_slot.failures >= 1, "some requests were on the victim when it died and had to be retried"
+        assert len(gens) == len(prompts) and all(len(row) == 1 for row in gens)
+        hf = rollout_target.hf()
+        for prompt, row in zip(prompts, gens):  # greedy: the retried answers are exactly the ones HF gives
+            assert row[0].token_ids == hf_greedy(hf, prompt, 64, eos_id=None)[0]
+
+        # only the dead server left: a clear error after bounded retries, not a hang
+        dead = SGLangClient([victim.url], vocab_size=1000, max_retries=2, retry_backoff_s=0.01, server_cooldown_s=0.1)
+        with pytest.raises(RequestFailed, match=r"(?s)failed on all 3 attempts.*connection error"):
+            dead.generate([[1, 2, 3]], params)
+    finally:
+        victim.stop()
+
+
+def test_server_that_exits_during_startup_reports_its_log_tail(tmp_path):
+    empty_model = tmp_path / "not_a_model"
+    empty_model.mkdir()
+    server = SGLangServer(empty_model, python=sglang_python(), log_dir=tmp_path / "logs", startup_timeout_s=600)
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError) as err:
+        with server:
+            pass
+    msg = str(err.value)
+    assert "exited with code" in msg and "--- log tail ---" in msg
+    assert str(empty_model) in msg or "config.json" in msg  # SGLang's own complaint, quoted from its log
+    assert not server.is_running() and time.monotonic() - t0 < 600

@@ -1,0 +1,46 @@
+"""RolloutConfig.validate names the bad field and the fix."""
+from __future__ import annotations
+
+import pytest
+
+from megatron_topd.rollout import RolloutConfig
+
+
+def good(**kw) -> RolloutConfig:
+    return RolloutConfig(model_path="/models/tiny", **kw)
+
+
+def test_defaults_validate():
+    cfg = good().validate()
+    assert cfg.sync_method == "distributed" and cfg.resolved_sync_backend == "gloo"
+    assert good(device="cuda").resolved_sync_backend == "nccl"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(model_path=""), r"rollout\.model_path is empty"),
+        (dict(temperature=-0.5), r"rollout\.temperature=-0\.5"),
+        (dict(top_p=0.0), r"rollout\.top_p=0\.0: use a number in \(0\.0, 1\.0\]"),
+        (dict(n_samples=0), r"rollout\.n_samples=0"),
+        (dict(max_new_tokens=0), r"rollout\.max_new_tokens=0"),
+        (dict(sync_method="nfs"), r"rollout\.sync_method='nfs' is not supported: use one of disk, tensor, distributed"),
+        (dict(sync_backend="nccl"), r"sync_backend='nccl' with rollout\.device='cpu'"),
+        (dict(num_servers=2, ports=[30000]), r"rollout\.ports has 1 entries for rollout\.num_servers=2"),
+        (dict(urls=["127.0.0.1:30000"]), r"rollout\.urls\[0\]='127\.0\.0\.1:30000': use a full URL"),
+        (dict(sync_bucket_mb=0), r"rollout\.sync_bucket_mb=0"),
+        (dict(pause_mode="stop"), r"rollout\.pause_mode='stop'"),
+        (dict(top_k=0), r"rollout\.top_k=0: use an integer >= 1 \(or -1 for off\)"),
+        (dict(max_retries=True), r"rollout\.max_retries=True"),
+    ],
+)
+def test_bad_fields_are_named(kw, match):
+    cfg = good()
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ValueError, match=match):
+        cfg.validate()
+
+
+def test_urls_replace_model_path():
+    RolloutConfig(urls=["http://10.0.0.5:30000"]).validate()
