@@ -162,7 +162,7 @@ def build_gpt_model(
         parallel_output=True,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(spec.rope_theta),
+        rotary_base=spec.rope_theta,  # a float: fractional thetas must not be truncated
         vp_stage=vp_stage,
     )
     if spec.rope_scaling is not None:

@@ -44,6 +44,9 @@ PROXIED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.router",  # TopKRouter.gating moves its weight to torch.cuda.current_device()
+    "megatron.core.transformer.moe.token_dispatcher",  # alltoall dispatcher makes a torch.cuda.Stream() at build
+    "megatron.core.tensor_parallel.mappings",  # TP>1 all-gathers allocate on the CUDA device
     "megatron.core.transformer.utils",
 )
 
@@ -69,6 +72,12 @@ SOURCE_SUBSTITUTIONS = (
         "megatron.core.optimizer.distrib_optimizer",
         "DistributedOptimizer._set_main_param_and_optimizer_states",
         [("if not isinstance(tensors[key], torch.Tensor):", "if not isinstance(tensors.get(key), torch.Tensor):", 1)],
+    ),
+    # Tied embeddings at PP>1: the last stage's copy of the embedding is moved to CUDA before the all-reduce.
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule.setup_embeddings_and_output_layer",
+        [("weight.data = weight.data.cuda()", "weight.data = weight.data", 1)],
     ),
     (
         "megatron.core.optimizer.clip_grads",
