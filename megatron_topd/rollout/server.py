@@ -46,6 +46,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+
+
 class SGLangServer:
     """One SGLang HTTP server process. Use as a context manager, or call `start()` / `wait_healthy()` / `stop()`."""
 
@@ -124,7 +128,9 @@ class SGLangServer:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # A trainer rank launched by torchrun/srun carries RANK, WORLD_SIZE, MASTER_* ...: SGLang's own
+        # torch.distributed init would read them and wait forever for the trainer's other ranks. Drop them.
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
         # As if its venv were activated: SGLang runs tools of its env (py-spy for crash dumps, ninja).
         python = shutil.which(self.python) or self.python
         env["PATH"] = os.pathsep.join([str(Path(python).absolute().parent), env.get("PATH", "")])

@@ -3,7 +3,8 @@
 With ``s`` continuations per side, a candidate's distance is the mean EMD over its ``s x s`` (teacher, student)
 window pairs (our interpretation; the paper uses one window per side). Embedding rows come from ``embed`` (a
 vocabulary-parallel lookup, `embedding.embedding_lookup`), called once for all unique ids of the step; cosines are
-float32 and the cost of two equal ids is exactly 0, so identical windows have distance exactly 0.
+float32 and the cost of two equal ids is exactly 0, so identical windows have distance exactly 0. A token whose
+embedding row is zero (a padding row) costs 1 against every other token.
 """
 from __future__ import annotations
 
@@ -49,11 +50,13 @@ def window_divergence(
     if rows.shape[0] != vocab_ids.shape[0] or rows.dim() != 2:
         raise ValueError(f"embed returned shape {tuple(rows.shape)} for {len(vocab_ids)} ids; expected [ids, hidden]")
     norms = rows.norm(dim=1, keepdim=True)
-    bad = (norms[:, 0] == 0) | ~torch.isfinite(norms[:, 0])
+    bad = ~torch.isfinite(norms[:, 0])
     if bool(bad.any()):
-        raise ValueError(f"embedding rows of token ids {vocab_ids[bad][:8].tolist()} are zero or not finite: "
+        raise ValueError(f"embedding rows of token ids {vocab_ids[bad][:8].tolist()} are not finite: "
                          "the cosine cost is undefined (check the embedding table and vocab_size)")
-    unit = rows / norms
+    # A zero row (e.g. a padding token HF initialises to 0) has no direction: cost 1 to every other id (cosine 0),
+    # and 0 to itself through the equal-id rule below.
+    unit = rows / norms.clamp_min(torch.finfo(rows.dtype).tiny)
 
     def local(w: Sequence[int]) -> torch.Tensor:
         return torch.searchsorted(vocab_ids, torch.tensor(list(w), dtype=torch.long))

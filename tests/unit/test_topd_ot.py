@@ -101,3 +101,21 @@ def test_bad_inputs_raise_clear_errors():
         ot_distance(np.ones(4), x)
     with pytest.raises(ValueError, match="one y set per x set"):
         ot_distances([x, x], [x])
+
+
+def test_zero_embedding_row_costs_one_against_others_and_zero_against_itself():
+    """A padding token's embedding row is zero in HF checkpoints; a window holding it must still get a distance."""
+    import torch
+
+    from megatron_topd.topd.divergence import window_divergence
+
+    table = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    table[0] = 0.0
+    embed = lambda ids: table[ids]  # noqa: E731
+    same = window_divergence([[[0, 1]]], [[[0, 1]]], embed)
+    assert same.distance.tolist() == [0.0]
+    other = window_divergence([[[0]]], [[[2]]], embed)
+    assert other.distance.tolist() == [1.0]
+    table[3] = float("nan")
+    with pytest.raises(ValueError, match=r"token ids \[3\] are not finite"):
+        window_divergence([[[3]]], [[[2]]], embed)

@@ -18,8 +18,10 @@ def new_update_group(master_address: str, master_port: int, world_size: int, gro
                      timeout_s: float) -> "torch.distributed.ProcessGroup":
     """Create the group as rank 0 (blocks until all `world_size` ranks have joined)."""
     timeout = timedelta(seconds=timeout_s)
-    store, rank, _ = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    # Host the store ourselves rather than through c10d.rendezvous: under torchrun, TORCHELASTIC_USE_AGENT_STORE makes
+    # rendezvous connect as a client to a store the elastic agent hosts, and nobody would host this one (deadlock).
+    store = torch.distributed.TCPStore(master_address, master_port, world_size, True, timeout, multi_tenant=True)
+    rank = 0
     pg, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
         group_name=group_name, timeout=timeout,

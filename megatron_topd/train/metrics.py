@@ -1,0 +1,80 @@
+"""Step metrics: a console line with a progress bar (rich), TensorBoard scalars, optional W&B, a JSONL log, and a PNG
+plot of the paper's diagnostics at the end. Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLOTTED = ("loss", "opd_loss", "traj_loss", "mean_token_kl", "low_divergence_share", "mean_ot_distance")
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 wandb_project: str | None = None, config=None):
+        self.enabled = enabled
+        self.out = Path(out_dir)
+        self.rows: list[dict] = []
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        self.jsonl = open(self.out / "metrics.jsonl", "a")
+        self.progress = Progress(TextColumn("TOPD"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"))
+        self.task = self.progress.add_task("", total=total_steps, completed=start_step)
+        self.progress.start()
+        self.wandb = None
+        if wandb_project:
+            import dataclasses
+
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, config=dataclasses.asdict(config) if config else None)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        for k, v in clean.items():
+            self.writer.add_scalar(f"topd/{k}", v, step)
+        self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+        self.rows.append({"step": step, **clean})
+        if self.wandb is not None:
+            self.wandb.log(clean, step=step)
+        self.progress.update(self.task, completed=step, description=(
+            f"loss {clean.get('loss', 0):.4f}  l_t {clean.get('mean_token_kl', 0):.4f}  "
+            f"L_traj {clean.get('traj_loss', 0):.4f}  low-div {clean.get('low_divergence_share', 0):.2f}  "
+            f"OT {clean.get('mean_ot_distance', 0):.3f}  {clean.get('step_s', 0):.1f}s/step"))
+        self.progress.console.log(f"step {step}: " + "  ".join(f"{k}={clean[k]:.4g}" for k in PLOTTED if k in clean))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.progress.stop()
+        self.writer.close()
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.rows:
+            plot_metrics(self.rows, self.out / "metrics.png")
+
+
+def plot_metrics(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PLOTTED if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
+        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
