@@ -148,12 +148,11 @@ def tensor_parallel_group():
 
 
 def destroy() -> None:
-    try:
-        from megatron.core import parallel_state as ps
+    import sys
 
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-    except ImportError:
-        pass
+    # Importing megatron.core costs seconds: only tear it down when this process actually used it.
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
