@@ -27,13 +27,18 @@ KL_NONE, KL_REVERSE, KL_FORWARD = 0, 1, 2
 
 
 def backend(x: torch.Tensor) -> str:
-    """'triton' when asked for (MEGATRON_TOPD_LOSSES_BACKEND=triton), triton imports and x is on a GPU (or the
-    Triton interpreter runs on CPU); else 'torch'."""
-    want = os.environ.get("MEGATRON_TOPD_LOSSES_BACKEND", "torch")
-    if want not in ("torch", "triton"):
-        raise ValueError(f"MEGATRON_TOPD_LOSSES_BACKEND={want!r}; use 'torch' (default) or 'triton'")
+    """MEGATRON_TOPD_LOSSES_BACKEND: 'auto' (default: Triton for GPU tensors when triton imports, torch otherwise),
+    'triton' (required: error when triton is missing) or 'torch' (the reference path, always used on CPU).
+
+    Why auto picks Triton on GPUs: on an H200, bf16 [8192, 151936] KL forward+backward took 5.5 ms with the Triton
+    kernels (53% of copy bandwidth) against 53 ms for the torch path, both verified against float64 there."""
+    want = os.environ.get("MEGATRON_TOPD_LOSSES_BACKEND", "auto")
+    if want not in ("auto", "torch", "triton"):
+        raise ValueError(f"MEGATRON_TOPD_LOSSES_BACKEND={want!r}; use 'auto' (default), 'torch' or 'triton'")
     if want == "torch":
         return "torch"
+    if want == "auto":
+        return "triton" if triton is not None and x.is_cuda else "torch"
     if triton is None:
         raise RuntimeError("MEGATRON_TOPD_LOSSES_BACKEND=triton but triton is not importable; install triton or unset it")
     if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":

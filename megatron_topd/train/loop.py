@@ -222,8 +222,10 @@ def train(cfg: Config) -> list[dict]:
                     {"tokens": mb.pad_to(guidance["tokens"], seq, pad_id),
                      "logit_weights": mb.pad_to(guidance["logit_weights"], seq, 0.0)},
                     cfg.train.micro_batch_size, "guidance")
-            counts = torch.tensor([float(response_mask.sum()), float(n_windows)], dtype=torch.float64)
+            counts = torch.tensor([float(response_mask.sum()), float(n_windows)], dtype=torch.float64,
+                                  device=parallel.device())
             dist.all_reduce(counts, group=ps.get_data_parallel_group())
+            counts = counts.cpu()
             scales = ObjectiveScales(num_microbatches=len(train_batches), dp_size=layout.data_parallel,
                                      global_tokens=int(counts[0]), global_windows=int(counts[1]),
                                      lambda_traj=cfg.topd.lambda_traj if cfg.topd.variant == "topd" else 0.0,
@@ -277,12 +279,12 @@ def _to_first_stage(per_microbatch: list[torch.Tensor] | None, shape, layout) ->
     """Concatenate the last stage's per-microbatch l_t and hand it to every pipeline stage (shape is known)."""
     from megatron.core import parallel_state as ps
 
-    full = torch.zeros(shape, dtype=torch.float32)
+    full = torch.zeros(shape, dtype=torch.float32, device=parallel.device())
     if per_microbatch is not None:
-        full = torch.cat(per_microbatch)[: shape[0]].float().cpu()
+        full = torch.cat(per_microbatch)[: shape[0]].float().to(full.device)
     if layout.pipeline_parallel > 1:
         dist.broadcast(full, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return full
+    return full.cpu()
 
 
 def _probe_payload(probe) -> dict:
@@ -300,9 +302,9 @@ def _probe_metrics(p: dict) -> dict:
     """The paper's diagnostics, summed over data-parallel replicas."""
     from megatron.core import parallel_state as ps
 
-    t = torch.tensor([p["n_candidates"], p["n_divergent"], p["ot_sum"]], dtype=torch.float64)
+    t = torch.tensor([p["n_candidates"], p["n_divergent"], p["ot_sum"]], dtype=torch.float64, device=parallel.device())
     dist.all_reduce(t, group=ps.get_data_parallel_group())
-    n, div, ot_sum = t.tolist()
+    n, div, ot_sum = t.cpu().tolist()
     return {"candidates": n, "divergent": div, "low_divergence_share": (n - div) / n if n else 0.0,
             "mean_ot_distance": ot_sum / n if n else 0.0}
 

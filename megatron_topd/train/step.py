@@ -25,7 +25,10 @@ class StepResult:
 
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
-    batch = next(data_iterator)
+    from megatron_topd.parallel import device
+
+    dev = device()
+    batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
@@ -61,20 +64,23 @@ def _reduce_metrics(losses_reduced: list[dict]) -> dict[str, float]:
     """Mean over microbatches on the last stage, then over DP, then broadcast from the last stage to all ranks."""
     from megatron.core import parallel_state as ps
 
+    from megatron_topd.parallel import device
+
+    dev = device()  # NCCL collectives need tensors on the GPU
     names = sorted(losses_reduced[0]) if losses_reduced else []
-    n_names = torch.tensor([len(names)], dtype=torch.long)
+    n_names = torch.tensor([len(names)], dtype=torch.long, device=dev)
     # Only last-stage ranks have values; agree on the count first so every rank calls the same collectives.
     dist.all_reduce(n_names, op=dist.ReduceOp.MAX)
-    values = torch.zeros(int(n_names.item()), dtype=torch.float64)
+    values = torch.zeros(int(n_names.item()), dtype=torch.float64, device=dev)
     if names:
-        values = torch.stack([torch.stack([m[k].double() for m in losses_reduced]).mean() for k in names])
+        values = torch.stack([torch.stack([m[k].double().to(dev) for m in losses_reduced]).mean() for k in names])
         dist.all_reduce(values, group=ps.get_data_parallel_group())
         values /= ps.get_data_parallel_world_size()
     last = ps.get_pipeline_model_parallel_last_rank()
     dist.broadcast(values, src=last, group=ps.get_pipeline_model_parallel_group())
     name_list = [names]
     dist.broadcast_object_list(name_list, src=last, group=ps.get_pipeline_model_parallel_group())
-    return dict(zip(name_list[0], values.tolist()))
+    return dict(zip(name_list[0], values.cpu().tolist()))
 
 
 def train_step(model_chunks, optimizer, scheduler, batches: list[dict], loss_fn: LossFn) -> StepResult:
