@@ -13,19 +13,6 @@
 #SBATCH --mem=0
 #SBATCH --time=48:00:00
 #SBATCH --output=logs/%x-%j.out
-set -euo pipefail
-
-CONFIG=${CONFIG:-examples/topd_70b.yaml}
-CONTAINER=${CONTAINER:-nvcr.io/nvidia/pytorch:25.10-py3}   # has Transformer Engine and apex
-MOUNTS=${MOUNTS:-$PWD:/workspace/megatron_topd,/lustre:/lustre}
-
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=${MASTER_PORT:-29500}
-export CUDA_DEVICE_MAX_CONNECTIONS=1      # Megatron's TP/SP overlap needs ordered kernel launches
-export NCCL_IB_TIMEOUT=22
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-
-mkdir -p logs
-# One task per GPU; megatron_topd.parallel.initialize reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
-srun --container-image="$CONTAINER" --container-mounts="$MOUNTS" --container-workdir=/workspace/megatron_topd \
-  bash -c "pip install -q --no-deps -e . && python -m megatron_topd.cli train --config $CONFIG $*"
+export CONFIG=${CONFIG:-examples/topd_70b.yaml}
+# sbatch runs a copy of this script: find the repo through the submit directory.
+exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" "$@"

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
+
+from megatron_topd import checks
 
 SYNC_METHODS = ("disk", "tensor", "distributed")
 SYNC_BACKENDS = ("auto", "gloo", "nccl")
 PAUSE_MODES = ("retract", "in_place", "abort")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+_choice = partial(checks.choice, "rollout")
+_int_at_least = partial(checks.int_at_least, "rollout")
+_int_in = partial(checks.int_in, "rollout")
+_number_in = partial(checks.number_in, "rollout")
 
 
 @dataclass
@@ -112,26 +120,3 @@ class RolloutConfig:
             return self.sync_backend
         return "nccl" if self.device == "cuda" else "gloo"
 
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"rollout.{name}={value!r} is not supported: use one of {', '.join(allowed)}")
-
-
-def _int_at_least(name: str, value: object, lo: int, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"rollout.{name}={value!r}: use an integer >= {lo} {note}".rstrip())
-
-
-def _int_in(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"rollout.{name}={value!r}: use an integer in [{lo}, {hi}]")
-
-
-def _number_in(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"rollout.{name}={value!r}: use a number in {left}{lo}, {hi}{right}")

@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+
+from megatron_topd import checks
 
 VARIANTS = ("opd", "opd_suppress", "topd")
 CANDIDATE_MODES = ("top_k", "fraction")
 POSITION_WEIGHTINGS = ("uniform", "geometric", "ot_plan")
 EMBEDDING_SOURCES = ("student", "teacher")
+
+_choice = partial(checks.choice, "topd")
+_int_at_least = partial(checks.int_at_least, "topd")
+_number_in = partial(checks.number_in, "topd")
 
 
 @dataclass
@@ -73,22 +80,3 @@ class TopdConfig:
         """Temperature handed to the continuation sampler (0.0 = greedy, see `ContinuationSampler`)."""
         return 0.0 if self.probe_greedy else float(self.probe_temperature)
 
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"topd.{name}={value!r} is not supported: use one of {', '.join(allowed)}")
-
-
-def _int_at_least(name: str, value: object, lo: int, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"topd.{name}={value!r}: use an integer >= {lo} {note}".rstrip())
-
-
-def _number_in(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ValueError(f"topd.{name}={value!r}: use a number in {left}{lo}, {hi}{right}")
