@@ -69,7 +69,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_llama") / "model", arch="llama", seed=0)
 
 
-@pytest.fixture(scope="session")
+# Package scope: the servers' schedulers poll the CPU even when idle, so they stop once the integration tests end
+# (the unit tests that follow get both cores). test_loop_topd.py sorts first and runs before they start.
+@pytest.fixture(scope="package")
 def _servers(tiny_model_dir, tmp_path_factory):
     """Spawn the shared server and a spare at once (start-ups overlap); each fixture waits for its own."""
     logs = tmp_path_factory.mktemp("sglang_logs")
@@ -82,12 +84,12 @@ def _servers(tiny_model_dir, tmp_path_factory):
             server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def rollout_target(_servers, tiny_model_dir) -> RolloutTarget:
     return RolloutTarget(_servers["main"].wait_healthy(), tiny_model_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def spare_server(_servers) -> SGLangServer:
     """A second server on the same checkpoint, for tests that kill a server (it serves the original weights)."""
     return _servers["spare"].wait_healthy()

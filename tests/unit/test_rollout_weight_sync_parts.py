@@ -36,13 +36,32 @@ def test_bucket_input_errors():
         list(iter_buckets([("w", [1.0])], 100))
 
 
+_ROUNDTRIP = """
+import base64, json, pickle, torch
+from megatron_topd.rollout.weight_sync.tensor_ipc import end_shm_managers, serialize_named_tensors
+src = [("x", torch.randn(4, 3)), ("y", torch.arange(6, dtype=torch.bfloat16))]
+raw = base64.b64decode(serialize_named_tensors(src))
+after = torch.multiprocessing.get_sharing_strategy()
+back = pickle.loads(raw)
+out = {"file_system": b"rebuild_storage_filename" in raw, "strategy_after": after, "names": [n for n, _ in back],
+       "equal": [a.dtype == b.dtype and torch.equal(a, b) for (_, a), (_, b) in zip(src, back)]}
+del back
+out["ended"] = len(end_shm_managers())
+print(json.dumps(out))
+"""
+
+
 def test_tensor_payload_is_torch_forking_pickle_sharing_memory():
-    src = [("x", torch.randn(4, 3)), ("y", torch.arange(6, dtype=torch.bfloat16))]
-    payload = serialize_named_tensors(src)
-    raw = base64.b64decode(payload)
-    assert b"rebuild_storage_filename" in raw  # file_system strategy: shared memory, not the tensor bytes
-    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # restored afterwards
-    back = pickle.loads(raw)
-    assert [n for n, _ in back] == ["x", "y"]
-    for (_, a), (_, b) in zip(src, back):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    """Runs in a fresh interpreter: once a process has ended its torch_shm_manager (the tensor sync's close() does,
+    as the issue asks), torch cannot share CPU memory in it again, so this check must not depend on earlier tests."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ROUNDTRIP], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["file_system"]  # file_system strategy: shared memory, not the tensor bytes
+    assert out["strategy_after"] == "file_descriptor"  # restored afterwards
+    assert out["names"] == ["x", "y"] and out["equal"] == [True, True]
+    assert out["ended"] == 1  # the helper process it started was ended
