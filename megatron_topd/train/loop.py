@@ -207,7 +207,7 @@ def train(cfg: Config) -> list[dict]:
                                        group=ps.get_pipeline_model_parallel_group())
             timings["probe_s"] = time.perf_counter() - t2
 
-            # 7. the training pass: rollout microbatches (+ guidance microbatches), teacher logits for each
+            # 7. the training pass: rollout microbatches (+ guidance microbatches)
             t3 = time.perf_counter()
             guidance = probe_payload["guidance"]
             seq = tokens.shape[1] if guidance is None else mb.round_up(max(tokens.shape[1], guidance["tokens"].shape[1]))
@@ -215,13 +215,21 @@ def train(cfg: Config) -> list[dict]:
                 {"tokens": mb.pad_to(tokens, seq, pad_id), "response_mask": mb.pad_to(response_mask, seq, False),
                  "token_weights": mb.pad_to(probe_payload["token_weights"], seq, 0.0)},
                 cfg.train.micro_batch_size, "rollout")
+            # The scoring pass already holds the teacher's rollout logits: pad them to `seq` (the padded positions are
+            # masked out of the loss) and run the teacher only on the guidance rows.
+            train_teacher = None if t_logits is None else [
+                torch.nn.functional.pad(t, (0, 0, 0, seq - t.shape[1])) for t in t_logits]
             n_windows = 0
             if guidance is not None and guidance["tokens"].shape[0] > 0:
                 n_windows = guidance["tokens"].shape[0]
-                train_batches += mb.split_microbatches(
+                guidance_batches = mb.split_microbatches(
                     {"tokens": mb.pad_to(guidance["tokens"], seq, pad_id),
                      "logit_weights": mb.pad_to(guidance["logit_weights"], seq, 0.0)},
                     cfg.train.micro_batch_size, "guidance")
+                guidance_teacher = teacher_logits(teacher, guidance_batches)
+                if train_teacher is not None:
+                    train_teacher += guidance_teacher
+                train_batches += guidance_batches
             counts = torch.tensor([float(response_mask.sum()), float(n_windows)], dtype=torch.float64,
                                   device=parallel.device())
             dist.all_reduce(counts, group=ps.get_data_parallel_group())
@@ -230,9 +238,8 @@ def train(cfg: Config) -> list[dict]:
                                      global_tokens=int(counts[0]), global_windows=int(counts[1]),
                                      lambda_traj=cfg.topd.lambda_traj if cfg.topd.variant == "topd" else 0.0,
                                      variant=cfg.topd.variant)
-            all_teacher = teacher_logits(teacher, train_batches)
             result = train_step(student, optimizer, scheduler, train_batches,
-                                make_loss_fn(all_teacher, scales, vocab_size=vocab, chunk_size=cfg.train.loss_chunk_size))
+                                make_loss_fn(train_teacher, scales, vocab_size=vocab, chunk_size=cfg.train.loss_chunk_size))
             timings["train_s"] = time.perf_counter() - t3
 
             # 8. weight sync: the student's servers now sample from the updated policy
