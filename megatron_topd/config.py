@@ -21,17 +21,59 @@ from megatron_topd.topd.config import TopdConfig
 from megatron_topd.train.optim import OptimConfig
 
 
+RECOMPUTE = ("none", "selective", "full")
+
+
 @dataclass
 class ParallelConfig:
+    """The student's (and co-located teacher's) layout and the long-context knobs (docs/training_step.md)."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    context_parallel: int = 1  # splits each sequence over ranks; needs Transformer Engine on a GPU
+    sequence_parallel: bool = False  # shards LayerNorm/dropout activations over TP ranks (needs TP > 1)
+    recompute: str = "none"  # none | selective (core attention) | full (every layer's activations)
+    first_stage_layers: int | None = None  # uneven pipeline stages: layers on the first / last stage
+    last_stage_layers: int | None = None
+    timeout_minutes: float = 120.0  # every process group: ranks wait in collectives while generation runs
     backend: str | None = None  # None: nccl on GPU, gloo on CPU
 
     def validate(self) -> None:
-        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
-            raise ValueError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)!r} must be an integer >= 1")
         if self.backend not in (None, "nccl", "gloo"):
             raise ValueError(f"parallel.backend={self.backend!r}: use nccl, gloo or null (auto)")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"parallel.recompute={self.recompute!r}: use one of {', '.join(RECOMPUTE)}")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_parallel >= 2 (it shards "
+                             "activations over the tensor-parallel ranks); set it false at TP=1")
+        if self.context_parallel > 1:
+            from megatron_topd.models.build import use_transformer_engine
+
+            if not use_transformer_engine():
+                raise ValueError(f"parallel.context_parallel={self.context_parallel} needs Transformer Engine "
+                                 "attention on a GPU (Megatron's local attention has no context parallelism); "
+                                 "set parallel.context_parallel=1 on this machine")
+        if not self.timeout_minutes > 0:
+            raise ValueError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0; it should exceed the "
+                             "longest generation phase, since ranks wait in a collective meanwhile")
+
+    def model_overrides(self) -> dict:
+        """The TransformerConfig fields these knobs set (passed to `build_gpt_model`)."""
+        out: dict = {"sequence_parallel": self.sequence_parallel, "context_parallel_size": self.context_parallel}
+        if self.recompute != "none":
+            out["recompute_granularity"] = self.recompute
+        if self.recompute == "full":
+            out.update(recompute_method="uniform", recompute_num_layers=1)
+        if self.first_stage_layers is not None:
+            out["num_layers_in_first_pipeline_stage"] = self.first_stage_layers
+        if self.last_stage_layers is not None:
+            out["num_layers_in_last_pipeline_stage"] = self.last_stage_layers
+        if self.pipeline_parallel > 1:  # microbatches differ in shape: stages exchange shapes first
+            out["variable_seq_lengths"] = True
+        return out
 
 
 @dataclass
@@ -50,26 +92,38 @@ class TeacherConfig:
             raise ValueError(f"teacher.top_k={self.top_k} must be >= 1")
 
 
+NONFINITE = ("skip", "stop")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
     prompts_per_step: int = 8  # x rollout.n_samples responses per step
-    micro_batch_size: int = 1
-    max_seq_length: int = 2048
+    max_seq_length: int = 2048  # prompt + response (and guidance prefix + window) must fit
+    max_tokens_per_microbatch: int = 4096  # rows are packed into microbatches of at most this many (padded) tokens
+    teacher_group_microbatches: int = 4  # G: co-located teacher logits live for at most G microbatches
+    on_nonfinite: str = "stop"  # skip | stop: a non-finite loss or gradient on any rank
     seed: int = 1234
     prompts_path: str = ""  # JSONL with a "prompt" (or "messages") field per line
     student_checkpoint: str = ""  # Megatron checkpoint to start from (converted HF student)
     student_hf_path: str = ""  # HF folder of the same student (for its SGLang servers and tokenizer)
     output_dir: str = "runs/topd"
     save_interval: int = 50
-    log_interval: int = 1
     loss_chunk_size: int | None = 1024  # tokens per chunk in the vocabulary-parallel loss
     wandb_project: str | None = None
 
     def validate(self) -> None:
-        for name in ("steps", "prompts_per_step", "micro_batch_size", "max_seq_length", "save_interval", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("steps", "prompts_per_step", "max_seq_length", "max_tokens_per_microbatch",
+                     "teacher_group_microbatches", "save_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must be an integer >= 1")
+        if self.on_nonfinite not in NONFINITE:
+            raise ValueError(f"train.on_nonfinite={self.on_nonfinite!r}: use skip or stop")
+        if self.max_tokens_per_microbatch < self.max_seq_length:
+            raise ValueError(f"train.max_tokens_per_microbatch={self.max_tokens_per_microbatch} < train.max_seq_length="
+                             f"{self.max_seq_length}: a full-length row must fit one microbatch; raise the budget")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"train.loss_chunk_size={self.loss_chunk_size} must be >= 1 (or null: automatic)")
 
 
 @dataclass
@@ -85,8 +139,19 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def validate(self) -> "Config":
+        if not self.rollout.model_path and not self.rollout.urls:  # the student's servers start from its HF folder
+            self.rollout.model_path = self.train.student_hf_path
         for section in (self.parallel, self.precision, self.optim, self.train, self.teacher, self.topd):
             section.validate()
+        # The paths are empty until the demo or the launcher fills them in: check everything else already.
+        self.rollout.validate(require_model=bool(self.train.student_hf_path))
+        # Rows: prompt + response; guidance rows: prefix (< the rollout) + window. Prompts longer than what is left
+        # are rejected when the batch is drawn (train/rows.py), with the numbers.
+        longest = self.rollout.max_new_tokens + 1 + (self.topd.window if self.topd.variant == "topd" else 0)
+        if longest > self.train.max_seq_length:
+            raise ValueError(f"rollout.max_new_tokens={self.rollout.max_new_tokens} (+ topd.window={self.topd.window} "
+                             f"for guidance rows) leaves no room for a prompt in train.max_seq_length="
+                             f"{self.train.max_seq_length}: raise max_seq_length or lower max_new_tokens")
         for spec in (self.student, self.teacher_spec):
             if spec is not None:
                 spec.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel)

@@ -41,7 +41,7 @@ def main():
         torch.manual_seed(0)
         model = wrap_ddp(build_gpt_model(spec, precision=prec))
         opt, sch = build_optimizer([model], OptimConfig(lr=1e-4), params_dtype=prec.torch_dtype, total_steps=3)
-        batches = [{k: v.cuda() for k, v in b.items()} for b in make_lm_batches(tokens, 2)]
+        batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in make_lm_batches(tokens, 2, spec.vocab_size)]
         losses, times = [], []
         for _ in range(3):
             torch.cuda.synchronize()

@@ -34,7 +34,7 @@ def verify(out: str, hf_dir: str, spec, dtype: str, args) -> float:
 
     from megatron_topd.convert.hf_to_megatron import STEP_DIR, build_model
     from megatron_topd.convert.verify import hf_logits, megatron_logits, random_tokens
-    from megatron_topd.train.checkpoint import load_model_weights
+    from megatron_topd.checkpointing import load_model_weights
 
     tokens = random_tokens(spec.vocab_size, batch=2, seq=args.verify_seq_len)
     model = build_model(spec, "fp32")

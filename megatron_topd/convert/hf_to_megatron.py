@@ -3,16 +3,16 @@
 Output folder layout (what `tools/convert_hf_to_megatron.py --out OUT` writes):
 
     OUT/step_00000000/        Megatron dist checkpoint (torch_dist, per-parameter ShardedTensors: loads at any TP/PP)
-    OUT/latest_step.txt       "0"  (so `train.checkpoint.load_checkpoint(OUT, ...)` finds it)
+    OUT/latest_step.txt       "0"  (so `checkpointing.load_checkpoint(OUT, ...)` finds it)
     OUT/model_spec.yaml       the ModelSpec (rebuilds the model without the HF folder)
     OUT/hf_config.json        the original config.json (token ids etc. for the way back to HF)
     OUT/convert_meta.json     source, dtype, intended layout, skipped tensor names
     OUT/tokenizer*.json ...   the tokenizer files and generation_config.json, copied unchanged
 
 Load the weights into a model at any layout with
-`train.checkpoint.load_model_weights(OUT / "step_00000000", [model])`.
+`checkpointing.load_model_weights(OUT / "step_00000000", [model])`.
 
-The checkpoint is written by `train.checkpoint.save_checkpoint` from one process: the model is built once at
+The checkpoint is written by `checkpointing.save_checkpoint` from one process: the model is built once at
 TP=PP=1 without random initialisation (`perform_initialization=False`), each parameter is filled from the safetensors
 shards one HF tensor group at a time, and saved. Host memory is therefore about one copy of the model in the target
 dtype plus one layer's tensors (see docs/conversion.md).
@@ -155,7 +155,7 @@ def convert_hf_to_megatron(
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_topd.train.checkpoint import save_checkpoint
+    from megatron_topd.checkpointing import save_checkpoint
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     config, spec, reader, skipped = inspect_hf_checkpoint(hf_dir, tensor_parallel, pipeline_parallel)

@@ -21,7 +21,7 @@ LAYERS = "decoder.layers."
 
 def model_chunks(model) -> list:
     """The unwrapped GPTModel chunks of `model` (one module, a DDP/Float16 wrapper, or a list of virtual stages)."""
-    from megatron_topd.train.checkpoint import unwrap
+    from megatron_topd.checkpointing import unwrap
 
     return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
 

@@ -1,7 +1,7 @@
 """Megatron distributed checkpoint -> HF folder (safetensors shards + index, config.json, tokenizer files).
 
 One process at TP=PP=1: the model is built in the checkpoint's dtype without random initialisation, its weights are
-loaded with `train.checkpoint.load_model_weights`, and `export_hf_weights` (the same code weight sync uses) streams
+loaded with `checkpointing.load_model_weights`, and `export_hf_weights` (the same code weight sync uses) streams
 HF-named tensors into size-bounded safetensors shards. Host memory: one model copy + one shard.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 def resolve_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
     """(step folder, folder holding model_spec.yaml) for a checkpoint root (latest step) or a step folder."""
-    from megatron_topd.train.checkpoint import latest_step
+    from megatron_topd.checkpointing import latest_step
 
     ckpt = Path(ckpt)
     if (ckpt / "metadata.json").exists():  # a dist-checkpoint folder itself
@@ -66,7 +66,7 @@ def convert_megatron_to_hf(
     `dtype`: output dtype ('fp32'/'bf16'; default: as stored). `spec_path`: model_spec.yaml when it is not beside
     the checkpoint (trainer checkpoints).
     """
-    from megatron_topd.train.checkpoint import load_model_weights
+    from megatron_topd.checkpointing import load_model_weights
 
     step_dir, root = resolve_checkpoint(ckpt)
     spec_file = Path(spec_path) if spec_path else root / SPEC_FILE

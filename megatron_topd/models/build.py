@@ -39,7 +39,8 @@ def transformer_config(spec: ModelSpec, precision: PrecisionConfig | None = None
     precision = precision or PrecisionConfig()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    spec.validate(tp, pp)
+    spec.validate(tp, pp, first_stage_layers=overrides.get("num_layers_in_first_pipeline_stage"),
+                  last_stage_layers=overrides.get("num_layers_in_last_pipeline_stage"))
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         num_layers=spec.num_layers,
@@ -71,6 +72,7 @@ def transformer_config(spec: ModelSpec, precision: PrecisionConfig | None = None
         bias_dropout_fusion=False,
         init_method_std=0.02,
         batch_p2p_sync=on_gpu,
+        moe_token_dispatcher_type="alltoall",  # (dense models too: Megatron checks it against variable_seq_lengths)
     )
     if spec.is_moe:
         kwargs.update(
@@ -81,7 +83,6 @@ def transformer_config(spec: ModelSpec, precision: PrecisionConfig | None = None
             # Megatron: pre_softmax=False is top-k then softmax over the k (== renormalised softmax).
             moe_router_pre_softmax=not spec.moe_norm_topk_prob,
             moe_router_score_function="softmax",
-            moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
             moe_aux_loss_coeff=0.0,
             moe_router_load_balancing_type="none",

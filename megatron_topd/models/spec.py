@@ -57,8 +57,13 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return bool(self.num_experts)
 
-    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
-        """Raise ValueError naming the field and the fix when the spec cannot be built on this layout."""
+    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1, *, first_stage_layers: int | None = None,
+                 last_stage_layers: int | None = None) -> None:
+        """Raise ValueError naming the field and the fix when the spec cannot be built on this layout.
+
+        ``first_stage_layers`` / ``last_stage_layers`` (uneven pipeline stages, e.g. 126 layers at PP=4 as 30+32+32+32)
+        take their layers first; the rest must split evenly over the middle stages.
+        """
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelSpec.{name}={getattr(self, name)} must be positive")
@@ -77,11 +82,7 @@ class ModelSpec:
                 f"tensor_parallel={tensor_parallel} must divide num_attention_heads={self.num_attention_heads} and "
                 f"num_kv_heads={self.num_kv_heads}; choose a tensor-parallel size that divides both"
             )
-        if self.num_layers % pipeline_parallel:
-            raise ValueError(
-                f"pipeline_parallel={pipeline_parallel} must divide num_layers={self.num_layers}; "
-                "choose a pipeline size that divides the layer count"
-            )
+        _check_stage_layers(self.num_layers, pipeline_parallel, first_stage_layers, last_stage_layers)
         if self.is_moe and not self.moe_ffn_hidden_size:
             raise ValueError("ModelSpec.moe_ffn_hidden_size must be set when num_experts is set")
         if self.is_moe and not 1 <= self.moe_router_topk <= self.num_experts:
@@ -110,3 +111,25 @@ class ModelSpec:
     @classmethod
     def load_yaml(cls, path: str | Path) -> "ModelSpec":
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def _check_stage_layers(num_layers: int, pp: int, first: int | None, last: int | None) -> None:
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ValueError(
+                f"pipeline_parallel={pp} must divide num_layers={num_layers}; choose a pipeline size that divides the "
+                "layer count, or set parallel.first_stage_layers / parallel.last_stage_layers (uneven stages)"
+            )
+        return
+    if pp < 2:
+        raise ValueError("parallel.first_stage_layers / last_stage_layers need pipeline_parallel >= 2")
+    for name, n in (("first_stage_layers", first), ("last_stage_layers", last)):
+        if n is not None and n < 1:
+            raise ValueError(f"parallel.{name}={n} must be >= 1")
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    if middle_stages == 0 and rest != 0 or middle_stages > 0 and (rest <= 0 or rest % middle_stages):
+        raise ValueError(
+            f"num_layers={num_layers} with parallel.first_stage_layers={first}, last_stage_layers={last} leaves "
+            f"{rest} layers for {middle_stages} other stage(s): they must split evenly (and not be empty)"
+        )

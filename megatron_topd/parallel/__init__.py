@@ -78,10 +78,13 @@ def initialize(
     backend: str | None = None,
     seed: int = 1234,
     timeout_s: float = 600.0,
+    context_parallel: int = 1,
 ) -> ParallelLayout:
     """Set up torch.distributed, Megatron's model-parallel groups and RNG trackers; return this rank's layout.
 
-    Data parallelism is whatever is left: world_size / (tensor_parallel * pipeline_parallel).
+    Data parallelism is whatever is left: world_size / (tensor_parallel * pipeline_parallel * context_parallel).
+    ``timeout_s`` applies to every process group (torch.distributed's default group and all of Megatron's): ranks
+    that wait in a collective while rank 0 waits for minutes of generation must not time out.
     Safe to call when torch.distributed is already initialised (e.g. by the test harness).
     """
     if not torch.cuda.is_available():
@@ -92,17 +95,18 @@ def initialize(
     world = dist.get_world_size()
     if tensor_parallel < 1 or pipeline_parallel < 1:
         raise ValueError(f"tensor_parallel={tensor_parallel} and pipeline_parallel={pipeline_parallel} must be >= 1")
-    if world % (tensor_parallel * pipeline_parallel):
+    if world % (tensor_parallel * pipeline_parallel * context_parallel):
         raise ValueError(
-            f"world size {world} is not divisible by tensor_parallel*pipeline_parallel = "
-            f"{tensor_parallel}*{pipeline_parallel}; change the parallel sizes or the number of ranks"
+            f"world size {world} is not divisible by tensor_parallel*pipeline_parallel*context_parallel = "
+            f"{tensor_parallel}*{pipeline_parallel}*{context_parallel}; change the parallel sizes or the number of ranks"
         )
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel, distributed_timeout_minutes=max(1, round(timeout_s / 60)),
     )
     set_seed(seed)
     return layout()

@@ -48,7 +48,6 @@ class RolloutConfig:
     top_k: int = -1  # -1 = off
     max_new_tokens: int = 1024
     seed: int | None = None  # per-sample seeds are derived from it; reproducible only with deterministic servers
-    top_logprobs: int = 0  # > 0: also return the top-k log-probs of every response position
     # --- client ---
     request_timeout_s: float = 600.0  # one HTTP request (one prompt and its n samples)
     connect_timeout_s: float = 10.0
@@ -65,9 +64,12 @@ class RolloutConfig:
     sync_timeout_s: float = 600.0
     pause_mode: str = "retract"  # how in-flight generations wait out a sync (SGLang /pause_generation modes)
 
-    def validate(self) -> "RolloutConfig":
-        """Raise ValueError naming the first bad field and how to fix it; return self for chaining."""
-        if not self.urls and not self.model_path:
+    def validate(self, *, require_model: bool = True) -> "RolloutConfig":
+        """Raise ValueError naming the first bad field and how to fix it; return self for chaining.
+
+        ``require_model=False`` checks everything but the server source (a run config before its paths are filled).
+        """
+        if require_model and not self.urls and not self.model_path:
             raise ValueError("rollout.model_path is empty: set it to an HF checkpoint directory, or set rollout.urls")
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
@@ -99,7 +101,6 @@ class RolloutConfig:
         if self.top_k != -1:
             _int_at_least("top_k", self.top_k, 1, "(or -1 for off)")
         _int_at_least("max_new_tokens", self.max_new_tokens, 1)
-        _int_at_least("top_logprobs", self.top_logprobs, 0)
         if self.seed is not None:
             _int_in("seed", self.seed, 0, 2**62)
         _number_in("request_timeout_s", self.request_timeout_s, 0.0, math.inf, lo_open=True)

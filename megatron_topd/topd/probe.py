@@ -7,7 +7,8 @@ every TP rank holds identical windows; all ranks must call (the embedding lookup
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ class ProbeResult:
     divergent: torch.Tensor  # [C] bool
     token_weights: torch.Tensor  # [B, T] float32, token-aligned
     guidance: GuidanceBatch | None  # variant "topd" only
+    timings: dict[str, float] = field(default_factory=dict)  # window_s (generation), ot_s (divergence)
 
 
 def run_probe(
@@ -65,10 +67,13 @@ def run_probe(
             token_loss, response_mask, top_k=None, min_gap=cfg.min_gap, fraction=cfg.candidate_fraction
         )
     requests = build_requests(tokens, candidates)
+    t0 = time.perf_counter()
     teacher_w, student_w = _sample_windows(requests, cfg, teacher, student, seed, group)
+    t1 = time.perf_counter()
     div = window_divergence(
         teacher_w, student_w, embed, with_transport=cfg.variant == "topd" and cfg.position_weighting == "ot_plan"
     )
+    timings = {"window_s": t1 - t0, "ot_s": time.perf_counter() - t1}
     weights, divergent = divergence_weights(
         div.distance, low_fraction=cfg.low_fraction, threshold=cfg.threshold, w_low=cfg.w_low
     )
@@ -88,6 +93,7 @@ def run_probe(
         divergent=divergent,
         token_weights=token_weights(response_mask, candidates, weights),
         guidance=guidance,
+        timings=timings,
     )
 
 

@@ -1,15 +1,23 @@
-"""Turn rollouts and guidance rows into fixed-length microbatches for Megatron's schedule.
+"""Rows -> variable-length microbatches under a token budget (DESIGN section 3, "memory per microbatch").
 
-Every microbatch of one schedule call has the same [micro_batch_size, seq_len] shape (pipeline stages exchange
-activations of a fixed shape). Sequences are right-padded; with causal attention padding never affects the real
-tokens, and every loss term is masked to real positions.
+A step's rows (rollouts: prompt + response; guidance: prefix + teacher window) differ wildly in length, so padding
+them to the step's longest row wastes most of the compute at 16k context. Rows are sorted by length and packed
+greedily into microbatches of at most ``max_tokens`` padded tokens; each microbatch is padded only to its own longest
+row (rounded up to ``multiple``: sequence parallelism needs a multiple of TP). Stages of a pipeline exchange the
+shapes first (Megatron's ``variable_seq_lengths``), so microbatches may differ in rows and length.
 
-Alignment: `response_mask` and `token_weights` are token-aligned (index t refers to tokens[t]); logits at position p
-predict tokens[p + 1], so the loss uses logits[:, :-1] against tokens[:, 1:] and masks[:, 1:].
+Sizes at ``examples/topd_70b.yaml`` (128 rows per DP replica, S <= 16k, budget 16k tokens): a microbatch is one 16k row
+or several short ones; the student's logits on the last stage are [tokens_in_mb, V/TP] = 16k x 19k x 4 B = 1.2 GB.
+
+Alignment inside a microbatch: ``response_mask``, ``token_weights``, ``rollout_logprobs`` are token-aligned (index t
+refers to ``tokens[t]``); logits at position p predict ``tokens[p + 1]``. Guidance microbatches carry the flat logit
+positions that have a weight (``loss_index`` into ``[rows * L]``) and their weights, so the trajectory KL is computed
+at those K positions per row only.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,48 +26,110 @@ def round_up(n: int, multiple: int = 8) -> int:
     return max(multiple, math.ceil(n / multiple) * multiple)
 
 
-def pad_rows(rows: list[list[int]], length: int, pad_id: int) -> torch.Tensor:
-    out = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r) > length:
-            raise ValueError(f"sequence of {len(r)} tokens exceeds the step's sequence length {length}")
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
+def pack_rows(lengths: list[int], max_tokens: int, multiple: int = 8) -> list[list[int]]:
+    """Row indices per microbatch: longest first, each microbatch <= ``max_tokens`` once padded to its longest row."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    i = 0
+    while i < len(order):
+        width = round_up(lengths[order[i]], multiple)
+        if width > max_tokens:
+            raise ValueError(f"a row of {lengths[order[i]]} tokens (padded to {width}) exceeds "
+                             f"train.max_tokens_per_microbatch={max_tokens}: raise the budget to at least {width}")
+        rows = max_tokens // width
+        groups.append(order[i : i + rows])
+        i += rows
+    return groups
 
 
-def rollout_tensors(prompts: list[list[int]], responses: list[list[int]], length: int, pad_id: int):
-    """tokens [B, length] and the token-aligned response mask [B, length]."""
-    if any(len(r) == 0 for r in responses):
-        raise ValueError("empty response in the rollout batch: every response must hold at least one token")
-    tokens = pad_rows([p + r for p, r in zip(prompts, responses)], length, pad_id)
-    mask = torch.zeros_like(tokens, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        mask[i, len(p) : len(p) + len(r)] = True
-    return tokens, mask
+@dataclass
+class RolloutRows:
+    """This replica's rollouts, unpadded: ``prompt + response`` token lists and per-token side data."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    logprobs: list[list[float]] = field(default_factory=list)  # the rollout policy's log-probs of the responses
+
+    def __post_init__(self):
+        if any(len(r) == 0 for r in self.responses):
+            raise ValueError("empty response in the rollout batch: every response must hold at least one token")
+        if self.logprobs and len(self.logprobs) != len(self.responses):
+            raise ValueError(f"{len(self.logprobs)} logprob lists for {len(self.responses)} responses")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def lengths(self) -> list[int]:
+        return [len(p) + len(r) for p, r in zip(self.prompts, self.responses)]
+
+    def padded(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens and token-aligned response mask, [rows, longest] (token ids and bools: no V dimension)."""
+        width = max(self.lengths())
+        tokens = torch.full((len(self), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(self), width), dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(self.prompts, self.responses)):
+            tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[i, len(p) : len(p) + len(r)] = True
+        return tokens, mask
 
 
-def pad_to(t: torch.Tensor, length: int, value) -> torch.Tensor:
-    if t.shape[1] == length:
-        return t
-    if t.shape[1] > length:
-        raise ValueError(f"tensor of length {t.shape[1]} exceeds {length}")
-    pad = torch.full((t.shape[0], length - t.shape[1]), value, dtype=t.dtype)
-    return torch.cat([t, pad], dim=1)
+def rollout_microbatches(rows: RolloutRows, max_tokens: int, pad_id: int, *, multiple: int = 8,
+                         token_weights: torch.Tensor | None = None) -> list[dict]:
+    """Microbatches of rollout rows; ``token_weights`` ([rows, >= longest], token-aligned) defaults to ones.
 
-
-def split_microbatches(fields: dict[str, torch.Tensor], micro_batch_size: int, kind: str) -> list[dict]:
-    """Split [B, S] fields into microbatches; each gets `position_ids` and its `kind` ('rollout' or 'guidance')."""
-    n = next(iter(fields.values())).shape[0]
-    seq = next(iter(fields.values())).shape[1]
-    if n % micro_batch_size:  # fill the last microbatch with all-masked rows (zeros everywhere)
-        extra = micro_batch_size - n % micro_batch_size
-        fields = {k: torch.cat([v, torch.zeros((extra, *v.shape[1:]), dtype=v.dtype)]) for k, v in fields.items()}
-        n += extra
-    positions = torch.arange(seq).unsqueeze(0)
+    Each carries ``row_index`` (the rows' indices in ``rows``) so per-token results can be put back in row order.
+    """
+    lengths = rows.lengths()
     out = []
-    for start in range(0, n, micro_batch_size):
-        mb = {k: v[start : start + micro_batch_size] for k, v in fields.items()}
-        mb["position_ids"] = positions.expand(mb["tokens"].shape[0], -1)
-        mb["kind"] = kind
-        out.append(mb)
+    for idx in pack_rows(lengths, max_tokens, multiple):
+        width = round_up(max(lengths[i] for i in idx), multiple)
+        n = len(idx)
+        tokens = torch.full((n, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.bool)
+        weights = torch.zeros((n, width), dtype=torch.float32)
+        logprobs = torch.full((n, width), float("nan"), dtype=torch.float32)
+        for j, i in enumerate(idx):
+            p, r = rows.prompts[i], rows.responses[i]
+            tokens[j, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[j, len(p) : len(p) + len(r)] = True
+            w = token_weights[i, : len(p) + len(r)] if token_weights is not None else torch.ones(len(p) + len(r))
+            weights[j, : len(p) + len(r)] = w.float()
+            if rows.logprobs:
+                logprobs[j, len(p) : len(p) + len(r)] = torch.tensor(rows.logprobs[i], dtype=torch.float32)
+        out.append(_microbatch("rollout", tokens, response_mask=mask, token_weights=weights,
+                               rollout_logprobs=logprobs, row_index=torch.tensor(idx, dtype=torch.long),
+                               real_tokens=sum(lengths[i] for i in idx)))
     return out
+
+
+def guidance_microbatches(tokens: torch.Tensor, lengths: torch.Tensor, logit_weights: torch.Tensor, max_tokens: int,
+                          pad_id: int, *, multiple: int = 8) -> list[dict]:
+    """Microbatches of guidance rows (prefix + teacher window, ``lengths`` real tokens each).
+
+    ``logit_weights [N, L]`` (logit-aligned, each row sums to 1) becomes ``loss_index`` (flat positions with a weight,
+    into the microbatch's ``[rows * width]`` logits) and ``loss_weights``: the KL runs on K positions per row.
+    """
+    lens = [int(x) for x in lengths]
+    out = []
+    for idx in pack_rows(lens, max_tokens, multiple):
+        width = round_up(max(lens[i] for i in idx), multiple)
+        mb_tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        flat_index, flat_weights = [], []
+        for j, i in enumerate(idx):
+            mb_tokens[j, : lens[i]] = tokens[i, : lens[i]]
+            pos = torch.nonzero(logit_weights[i, : lens[i]] > 0).flatten()
+            flat_index.append(pos + j * width)
+            flat_weights.append(logit_weights[i, pos].float())
+        out.append(_microbatch("guidance", mb_tokens, loss_index=torch.cat(flat_index),
+                               loss_weights=torch.cat(flat_weights), real_tokens=sum(lens[i] for i in idx)))
+    return out
+
+
+def _microbatch(kind: str, tokens: torch.Tensor, **fields) -> dict:
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    return {"kind": kind, "tokens": tokens, "position_ids": positions, **fields}
+
+
+def padding_fraction(batches: list[dict]) -> tuple[int, int]:
+    """(real tokens, padded tokens) over microbatches: the padding-fraction metric's parts."""
+    return sum(b["real_tokens"] for b in batches), sum(b["tokens"].numel() for b in batches)

@@ -1,9 +1,13 @@
-"""The TOPD training loop, top to bottom (DESIGN section 3):
+"""The TOPD training loop, top to bottom (DESIGN section 3); each phase of a step is one function below:
 
-    rollout (SGLang student servers) -> teacher + student scoring (vocab-parallel l_t)
-    -> candidates, near-future windows (SGLang teacher + student servers), OT divergence, weights, guidance rows
-    -> teacher forward on guidance rows -> TOPD loss, backward, optimizer step (Megatron pipeline schedule)
-    -> weight sync to the student servers -> metrics, checkpoint
+    generate_rollouts (SGLang student servers) -> replica_rows (this data-parallel replica's share)
+    -> score_replica (teacher + student forward, per-token l_t only; skipped for plain OPD)
+    -> probe_replica (candidates, near-future windows from the SGLang servers, OT divergence, weights, guidance rows)
+    -> train_on_replica (teacher + student over groups of microbatches, TOPD loss, backward, guarded optimizer step)
+    -> weight sync to the student servers -> step_metrics, checkpoint
+
+Memory (docs/training_step.md): nothing of size [rows, S, V/TP] outlives `train.teacher_group_microbatches`
+microbatches; what crosses phases is token ids and per-token scalars.
 
 Every rank runs this function (torchrun / srun / the test harness). Global rank 0 owns the SGLang servers; the first
 TP rank of each data-parallel replica's first pipeline stage asks them for near-future windows.
@@ -11,23 +15,26 @@ TP rank of each data-parallel replica's first pipeline stage asks them for near-
 from __future__ import annotations
 
 import copy
+import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_topd import parallel
+from megatron_topd.checkpointing import latest_step, load_checkpoint, load_model_weights, save_checkpoint, unwrap
 from megatron_topd.config import Config, load_config, save_config
 from megatron_topd.models import ModelSpec, build_gpt_model, padded_vocab_size
-from megatron_topd.train import batches as mb
-from megatron_topd.train.checkpoint import latest_step, load_checkpoint, load_model_weights, save_checkpoint, unwrap
+from megatron_topd.train.batches import RolloutRows, guidance_microbatches, padding_fraction, rollout_microbatches
+from megatron_topd.train.distill_step import distill_step
+from megatron_topd.train.guard import NonFiniteError, agree_on_nonfinite
 from megatron_topd.train.metrics import MetricsLogger
-from megatron_topd.train.objective import ObjectiveScales, make_loss_fn
+from megatron_topd.train.objective import ObjectiveScales
 from megatron_topd.train.optim import build_optimizer, wrap_ddp
-from megatron_topd.train.scoring import student_token_loss, teacher_logits
-from megatron_topd.train.step import train_step
+from megatron_topd.train.scoring import score_rollouts
+from megatron_topd.train.teacher import ColocatedTeacher
 
 
 def _spec(explicit: ModelSpec | None, checkpoint: str, who: str) -> ModelSpec:
@@ -72,22 +79,30 @@ class Rollouts:
             self.all.stop()
 
 
+@dataclass
+class StepBatch:
+    """One step's rollouts, identical on every rank (token ids and per-token log-probs: no V dimension)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    response_logprobs: list[list[float]]
+    finish_reasons: list[str]
+    weight_versions: list[str]
+    dataset_state: dict
+
+
 def train(cfg: Config) -> list[dict]:
     """Run `cfg.train.steps` TOPD steps; returns the per-step metrics (on every rank)."""
-    from megatron.core import parallel_state as ps
-
     from megatron_topd.convert import export_hf_weights
-    from megatron_topd.rollout import SamplingParams, SGLangClient
-    from megatron_topd.rollout.prompts import PromptDataset
-    from megatron_topd.rollout.records import records_from_generations, write_records
     from megatron_topd.rollout.weight_sync import make_weight_sync
-    from megatron_topd.topd import embedding_lookup, run_probe
 
     cfg.validate()
     if cfg.teacher.placement != "colocated":
         raise NotImplementedError("teacher.placement=remote is not wired into the training loop yet: use colocated")
     layout = parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                                 backend=cfg.parallel.backend, seed=cfg.train.seed)
+                                 backend=cfg.parallel.backend, seed=cfg.train.seed,
+                                 timeout_s=cfg.parallel.timeout_minutes * 60,
+                                 context_parallel=cfg.parallel.context_parallel)
     rank0 = dist.get_rank() == 0
     out = Path(cfg.train.output_dir)
     ckpt_root = out / "checkpoints"
@@ -95,22 +110,79 @@ def train(cfg: Config) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    # --- models: the student (trained) and the co-located teacher (frozen, same TP/PP layout) ---
+    student_spec, student, optimizer, scheduler, teacher = build_models(cfg)
+    vocab = student_spec.vocab_size
+    tokenizer, pad_id = load_tokenizer(cfg)
+    dataset = prompt_dataset(cfg, tokenizer)
+    start_step = resume(cfg, ckpt_root, student, optimizer, scheduler, dataset)
+
+    rollouts = Rollouts(cfg) if rank0 else None
+    try:
+        student_client, teacher_client, student_urls = connect_servers(cfg, rollouts, vocab)
+        weight_sync = make_weight_sync(replace(cfg.rollout, model_path=cfg.train.student_hf_path), student_urls[0])
+        if start_step > 0:  # servers start from the initial HF weights: bring them to the resumed student
+            weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(start_step))
+        logger = MetricsLogger(out, enabled=rank0, total_steps=cfg.train.steps, start_step=start_step,
+                               wandb_project=cfg.train.wandb_project, config=cfg)
+        history = []
+        for step in range(start_step, cfg.train.steps):
+            t0 = time.perf_counter()
+            timings: dict[str, float] = {}
+
+            batch = generate_rollouts(cfg, step, dataset, student_client, out, vocab, rank0)       # 1. rollouts
+            timings["generation_s"] = time.perf_counter() - t0
+            rows = replica_rows(batch, layout)                                                    # 2. DP share
+            t = time.perf_counter()
+            scores = score_replica(cfg, student, teacher, rows, pad_id, vocab, layout)            # 3. scoring
+            timings["scoring_s"] = time.perf_counter() - t
+            probe = probe_replica(cfg, step, rows, scores, student, teacher, teacher_client,    # 4-6. probe
+                                  student_client, pad_id, vocab, layout, timings)
+            t = time.perf_counter()
+            result, pass_stats = train_on_replica(cfg, student, optimizer, scheduler, teacher, rows, probe,  # 7.
+                                                  pad_id, vocab, layout)
+            timings["train_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            sync_stats = None                                                                     # 8. weight sync
+            if not result.skipped:  # a skipped step changed no weight: the servers already hold them
+                sync_stats = weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(step + 1))
+            timings["sync_s"] = time.perf_counter() - t
+
+            metrics = step_metrics(result, pass_stats, batch, probe, timings, time.perf_counter() - t0)  # 9.
+            if sync_stats is not None:
+                metrics["sync_mb"] = sync_stats.num_bytes / 2**20
+            history.append(metrics)
+            logger.log(step + 1, metrics)
+            if (step + 1) % cfg.train.save_interval == 0 or step + 1 == cfg.train.steps:
+                save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler,
+                                extra={"dataset": batch.dataset_state})
+        logger.close()
+        weight_sync.close()
+        return history
+    finally:
+        if rollouts is not None:
+            rollouts.stop()
+
+
+# ---- set-up -----------------------------------------------------------------------------------------------------
+def build_models(cfg: Config):
+    """The student (DDP + optimizer) and the co-located teacher (frozen, same TP/PP layout, forward-only)."""
     student_spec = _spec(cfg.student, cfg.train.student_checkpoint, "student")
     teacher_spec = _spec(cfg.teacher_spec, cfg.teacher.checkpoint, "teacher")
     if student_spec.vocab_size != teacher_spec.vocab_size:
         raise ValueError(f"student vocab_size {student_spec.vocab_size} != teacher vocab_size {teacher_spec.vocab_size}: "
                          "on-policy distillation scores the student's tokens with the teacher, so both need one tokenizer")
-    vocab = student_spec.vocab_size
-    student = [wrap_ddp(build_gpt_model(student_spec, precision=cfg.precision))]
+    overrides = cfg.parallel.model_overrides()
+    student = [wrap_ddp(build_gpt_model(student_spec, precision=cfg.precision, **overrides),
+                        use_distributed_optimizer=cfg.optim.use_distributed_optimizer)]
     optimizer, scheduler = build_optimizer(student, cfg.optim, params_dtype=cfg.precision.torch_dtype,
                                            total_steps=cfg.train.steps)
-    teacher = [build_gpt_model(teacher_spec, precision=cfg.precision)]
-    teacher[0].requires_grad_(False)
-    teacher[0].eval()
-    load_model_weights(Path(cfg.teacher.checkpoint) / _ckpt_step_dir(cfg.teacher.checkpoint), teacher)
+    teacher_overrides = {k: v for k, v in overrides.items() if not k.startswith("recompute")}  # no backward: no recompute
+    teacher_model = build_gpt_model(teacher_spec, precision=cfg.precision, **teacher_overrides)
+    load_model_weights(Path(cfg.teacher.checkpoint) / _ckpt_step_dir(cfg.teacher.checkpoint), [teacher_model])
+    return student_spec, student, optimizer, scheduler, ColocatedTeacher([teacher_model])
 
-    # --- data: prompts (resumable position), tokenizer from the student's HF folder ---
+
+def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.train.student_hf_path)
@@ -119,151 +191,213 @@ def train(cfg: Config) -> list[dict]:
                          f"({cfg.train.student_hf_path}): token ids would mean different strings; distil between "
                          "models of one tokenizer family")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dataset = PromptDataset(cfg.train.prompts_path, tokenizer, n_samples=cfg.rollout.n_samples, seed=cfg.train.seed,
-                            chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    return tokenizer, pad_id
 
-    start_step = 0
+
+def prompt_dataset(cfg: Config, tokenizer):
+    """Prompts that leave room for a full response (and a guidance window) within train.max_seq_length."""
+    from megatron_topd.rollout.prompts import PromptDataset
+
+    room = cfg.train.max_seq_length - cfg.rollout.max_new_tokens - (cfg.topd.window if cfg.topd.variant == "topd" else 0)
+    return PromptDataset(cfg.train.prompts_path, tokenizer, n_samples=cfg.rollout.n_samples, seed=cfg.train.seed,
+                         chat_template=bool(getattr(tokenizer, "chat_template", None)), max_prompt_tokens=room)
+
+
+def resume(cfg: Config, ckpt_root: Path, student, optimizer, scheduler, dataset) -> int:
+    """The step to start from: the latest checkpoint of this run, else the converted student at step 0."""
     if latest_step(ckpt_root) is not None:
         info = load_checkpoint(ckpt_root, student, optimizer, scheduler)
-        start_step = info["step"]
         dataset.load_state_dict(info["extra"]["dataset"])
+        return info["step"]
+    load_model_weights(Path(cfg.train.student_checkpoint) / _ckpt_step_dir(cfg.train.student_checkpoint), student)
+    return 0
+
+
+def connect_servers(cfg: Config, rollouts: "Rollouts | None", vocab: int):
+    """Rank 0 starts (or finds) the servers; every rank gets clients for the student and the teacher."""
+    from megatron_topd.rollout import SGLangClient
+
+    student_urls, teacher_urls = _broadcast(rollouts.start() if rollouts is not None else None)
+
+    def client(urls):
+        r = cfg.rollout
+        return SGLangClient(urls, vocab_size=vocab, context_length=r.context_length,
+                            request_timeout_s=r.request_timeout_s, connect_timeout_s=r.connect_timeout_s,
+                            max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
+                            max_inflight_per_server=r.max_inflight_per_server, progress=False)
+
+    return client(student_urls), client(teacher_urls), student_urls
+
+
+# ---- the phases of a step ---------------------------------------------------------------------------------------
+def generate_rollouts(cfg: Config, step: int, dataset, client, out: Path, vocab: int, rank0: bool) -> StepBatch:
+    """Rank 0 samples `prompts_per_step x n_samples` responses from the student's servers and shares them."""
+    from megatron_topd.rollout import SamplingParams
+    from megatron_topd.rollout.records import records_from_generations, write_records
+
+    payload = None
+    if rank0:
+        prompts = dataset.next_batch(cfg.train.prompts_per_step)
+        seed = cfg.rollout.seed if cfg.rollout.seed is not None else cfg.train.seed
+        gens = client.generate(
+            [p.ids for p in prompts],
+            SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n_samples,
+                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                           seed=seed * 100003 + step),
+        )
+        records = records_from_generations([p.index for p in prompts], [p.ids for p in prompts], gens)
+        write_records(out / "rollouts" / f"step_{step:08d}.jsonl", records, vocab_size=vocab)
+        payload = StepBatch([r.prompt_ids for r in records], [r.response_ids for r in records],
+                            [r.response_logprobs for r in records], [r.finish_reason for r in records],
+                            [r.weight_version for r in records], dataset.state_dict())
+    return _broadcast(payload)
+
+
+def replica_rows(batch: StepBatch, layout) -> RolloutRows:
+    """This data-parallel replica's rollouts: rows dealt longest-first to the replica with the fewest tokens."""
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    load = [0] * layout.data_parallel
+    mine = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        replica = min(range(layout.data_parallel), key=lambda d: (load[d], d))
+        load[replica] += lengths[i]
+        if replica == layout.dp_rank:
+            mine.append(i)
+    mine.sort()
+    if not mine:
+        raise ValueError(f"{len(lengths)} rollouts leave data-parallel replica {layout.dp_rank} empty: make "
+                         "train.prompts_per_step * rollout.n_samples at least the data-parallel size")
+    return RolloutRows([batch.prompt_ids[i] for i in mine], [batch.response_ids[i] for i in mine],
+                       [batch.response_logprobs[i] for i in mine])
+
+
+def _pad_multiple(cfg: Config) -> int:
+    """Microbatch lengths round up to this: 8, and a multiple of TP under sequence parallelism."""
+    tp = cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1
+    return 8 * tp // math.gcd(8, tp)
+
+
+def score_replica(cfg: Config, student, teacher, rows: RolloutRows, pad_id: int, vocab: int, layout):
+    """Per-token l_t (and log-probs, entropy) of this replica's rows on every pipeline stage; None for plain OPD,
+    whose training pass needs no candidates (it computes the same scalars itself)."""
+    from megatron.core import parallel_state as ps
+
+    if cfg.topd.variant == "opd":
+        return None
+    width = max(rows.lengths())
+    batches = rollout_microbatches(rows, cfg.train.max_tokens_per_microbatch, pad_id, multiple=_pad_multiple(cfg))
+    scores = score_rollouts(student, teacher, batches, rows=len(rows), width=width,
+                            group_size=cfg.train.teacher_group_microbatches, vocab_size=vocab,
+                            chunk_size=cfg.train.loss_chunk_size)
+    token_loss = torch.zeros(len(rows), width, dtype=torch.float32, device=parallel.device())
+    if scores is not None:
+        token_loss.copy_(scores["token_loss"])
+    bad = agree_on_nonfinite(not bool(torch.isfinite(token_loss).all()))
+    if bad:  # candidates cannot be ranked by NaN: the same decision on every rank, before anyone waits on a probe
+        raise NonFiniteError(f"non-finite per-token KL in the scoring pass on rank(s) {bad}: the student or teacher "
+                             "produced NaN/Inf logits; check the checkpoints and the learning rate")
+    if layout.pipeline_parallel > 1:
+        dist.broadcast(token_loss, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return token_loss.cpu()
+
+
+def probe_replica(cfg: Config, step: int, rows: RolloutRows, token_loss, student, teacher, teacher_client,
+                  student_client, pad_id: int, vocab: int, layout, timings: dict) -> dict:
+    """Candidates -> near-future windows -> OT -> weights (+ guidance rows), on the first stage, shared over PP.
+
+    The payload is per-token weights [rows, S] and guidance token rows (ids): no V dimension."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_topd.topd import embedding_lookup, run_probe
+
+    tokens, response_mask = rows.padded(pad_id)
+    payload = None
+    if cfg.topd.variant == "opd":
+        payload = {"token_weights": torch.ones(tokens.shape), "guidance": None, "n_candidates": 0, "n_divergent": 0,
+                   "ot_sum": 0.0, "timings": {}}
+    elif layout.is_first_stage:
+        table_owner = student[0] if cfg.topd.embedding_source == "student" else teacher.chunks[0]
+        word = unwrap(table_owner).embedding.word_embeddings
+        probe_tp_rank0 = ps.get_tensor_model_parallel_rank() == 0
+        probe = run_probe(
+            tokens, token_loss, response_mask, cfg.topd,
+            teacher=teacher_client if probe_tp_rank0 else None,
+            student=student_client if probe_tp_rank0 else None,
+            embed=embedding_lookup(word.weight.detach(), group=parallel.tensor_parallel_group(),
+                                   vocab_start=word.vocab_start_index,
+                                   vocab_size=padded_vocab_size(vocab, layout.tensor_parallel)),
+            pad_id=pad_id, seed=cfg.train.seed * 7919 + step, group=parallel.tensor_parallel_group(),
+        )
+        payload = _probe_payload(probe)
+    if cfg.topd.variant != "opd":
+        payload = _broadcast(payload, src=ps.get_pipeline_model_parallel_first_rank(),
+                             group=ps.get_pipeline_model_parallel_group())
+    timings.update({"window_s": 0.0, "ot_s": 0.0, **payload["timings"]})
+    return payload
+
+
+def train_on_replica(cfg: Config, student, optimizer, scheduler, teacher, rows: RolloutRows, probe: dict,
+                     pad_id: int, vocab: int, layout):
+    """The training pass over this replica's rollout and guidance microbatches, then one optimizer step."""
+    from megatron.core import parallel_state as ps
+
+    multiple, budget = _pad_multiple(cfg), cfg.train.max_tokens_per_microbatch
+    batches = rollout_microbatches(rows, budget, pad_id, multiple=multiple, token_weights=probe["token_weights"])
+    guidance = probe["guidance"]
+    n_windows = 0
+    if guidance is not None and guidance["tokens"].shape[0] > 0:
+        n_windows = guidance["tokens"].shape[0]
+        batches += guidance_microbatches(guidance["tokens"], guidance["lengths"], guidance["logit_weights"], budget,
+                                         pad_id, multiple=multiple)
+    real, padded = padding_fraction(batches)
+    n_tokens = sum(len(r) for r in rows.responses)
+    counts = torch.tensor([n_tokens, n_windows, real, padded], dtype=torch.float64, device=parallel.device())
+    dist.all_reduce(counts, group=ps.get_data_parallel_group())
+    n_tokens, n_windows, real, padded = (int(x) for x in counts.cpu().tolist())
+    scales = ObjectiveScales(dp_size=layout.data_parallel, global_tokens=n_tokens, global_windows=n_windows,
+                             lambda_traj=cfg.topd.lambda_traj if cfg.topd.variant == "topd" else 0.0,
+                             variant=cfg.topd.variant)
+    result = distill_step(student, optimizer, scheduler, teacher, batches, scales,
+                          group_size=cfg.train.teacher_group_microbatches, vocab_size=vocab,
+                          chunk_size=cfg.train.loss_chunk_size, on_nonfinite=cfg.train.on_nonfinite)
+    return result, {"response_tokens": n_tokens, "guidance_windows": n_windows, "train_tokens": real,
+                    "padding_fraction": 1.0 - real / max(padded, 1)}
+
+
+def step_metrics(result, pass_stats: dict, batch: StepBatch, probe: dict, timings: dict, step_s: float) -> dict:
+    """Everything a step logs (the same on every rank): objective, per-token statistics, rollout shape, speed."""
+    s = result.metrics
+    tokens = max(s.get("tokens", 0.0), 1.0)
+    lengths = [len(r) for r in batch.response_ids]
+    versions = batch.weight_versions
+    return {
+        "loss": result.loss, "opd_loss": s["opd_loss"], "traj_loss": s["traj_loss"], "grad_norm": result.grad_norm,
+        "lr": result.lr, "skipped": float(result.skipped),
+        "mean_token_kl": s["kl_sum"] / tokens, "student_entropy": s["entropy_sum"] / tokens,
+        "logprob_diff_mean": s["logprob_diff_sum"] / max(s["logprob_diff_count"], 1.0),
+        "logprob_diff_max": s["logprob_diff_max"],
+        "response_len_mean": sum(lengths) / len(lengths), "response_len_max": float(max(lengths)),
+        "truncation_rate": sum(f == "length" for f in batch.finish_reasons) / len(lengths),
+        **pass_stats, **_probe_metrics(probe), **timings, "step_s": step_s,
+        "train_tokens_per_s": pass_stats["train_tokens"] / max(timings["train_s"], 1e-9),
+        "response_tokens_per_s": pass_stats["response_tokens"] / max(step_s, 1e-9),
+        "peak_mem_gb": _peak_memory_gb(),
+        "rollout_weight_version": max((float(v) for v in versions if v.isdigit()), default=-1.0),
+    }
+
+
+def _peak_memory_gb() -> float:
+    """The largest peak over all ranks: allocated CUDA memory on GPUs, the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        load_model_weights(Path(cfg.train.student_checkpoint) / _ckpt_step_dir(cfg.train.student_checkpoint), student)
+        import resource
 
-    # --- SGLang: rank 0 starts the servers; every rank that probes gets a client ---
-    rollouts = Rollouts(cfg) if rank0 else None
-    try:
-        urls = _broadcast(rollouts.start() if rank0 else None)
-        student_client = SGLangClient(urls[0], vocab_size=vocab, request_timeout_s=cfg.rollout.request_timeout_s,
-                                      max_retries=cfg.rollout.max_retries, progress=False)
-        teacher_client = SGLangClient(urls[1], vocab_size=vocab, request_timeout_s=cfg.rollout.request_timeout_s,
-                                      max_retries=cfg.rollout.max_retries, progress=False)
-        sync_cfg = replace(cfg.rollout, model_path=cfg.train.student_hf_path)
-        weight_sync = make_weight_sync(sync_cfg, urls[0])
-        if start_step > 0:  # servers start from the initial HF weights: bring them to the resumed student
-            weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(start_step))
-
-        logger = MetricsLogger(out, enabled=rank0, total_steps=cfg.train.steps, start_step=start_step,
-                               wandb_project=cfg.train.wandb_project, config=cfg)
-        history = []
-        for step in range(start_step, cfg.train.steps):
-            t0 = time.perf_counter()
-            timings = {}
-
-            # 1. rollouts from the student's servers (rank 0), shared with every rank
-            if rank0:
-                prompts = dataset.next_batch(cfg.train.prompts_per_step)
-                gens = student_client.generate(
-                    [p.ids for p in prompts],
-                    SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n_samples,
-                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                   seed=cfg.train.seed * 100003 + step),
-                )
-                records = records_from_generations([p.index for p in prompts], [p.ids for p in prompts], gens)
-                write_records(out / "rollouts" / f"step_{step:08d}.jsonl", records, vocab_size=vocab)
-                payload = ([r.prompt_ids for r in records], [r.response_ids for r in records],
-                           sorted({r.weight_version for r in records}), dataset.state_dict())
-            else:
-                payload = None
-            prompt_ids, response_ids, versions, dataset_state = _broadcast(payload)
-            timings["rollout_s"] = time.perf_counter() - t0
-
-            # 2. this DP replica's share, packed into fixed-length microbatches
-            share = _dp_share(len(prompt_ids), layout)
-            tokens, response_mask = mb.rollout_tensors([prompt_ids[i] for i in share], [response_ids[i] for i in share],
-                                                       mb.round_up(max(len(prompt_ids[i]) + len(response_ids[i])
-                                                                       for i in range(len(prompt_ids)))), pad_id)
-            score_batches = mb.split_microbatches({"tokens": tokens, "response_mask": response_mask},
-                                                  cfg.train.micro_batch_size, "rollout")
-
-            # 3. scoring: teacher logit shards, student per-token reverse KL (vocab-parallel, no grad)
-            t1 = time.perf_counter()
-            t_logits = teacher_logits(teacher, score_batches)
-            token_loss = student_token_loss(student, score_batches, t_logits, vocab_size=vocab,
-                                            chunk_size=cfg.train.loss_chunk_size)
-            token_loss = _to_first_stage(token_loss, tokens.shape, layout)
-            timings["score_s"] = time.perf_counter() - t1
-
-            # 4-6. candidates -> near-future windows -> OT divergence -> weights (+ guidance rows for topd)
-            t2 = time.perf_counter()
-            probe = None
-            if layout.is_first_stage:
-                emb = unwrap(student[0] if cfg.topd.embedding_source == "student" else teacher[0])
-                word = emb.embedding.word_embeddings
-                probe_tp_rank0 = ps.get_tensor_model_parallel_rank() == 0
-                probe = run_probe(
-                    tokens, token_loss, response_mask, cfg.topd,
-                    teacher=teacher_client if probe_tp_rank0 else None,
-                    student=student_client if probe_tp_rank0 else None,
-                    embed=embedding_lookup(word.weight.detach(), group=parallel.tensor_parallel_group(),
-                                           vocab_start=word.vocab_start_index,
-                                           vocab_size=padded_vocab_size(vocab, layout.tensor_parallel)),
-                    pad_id=pad_id, seed=cfg.train.seed * 7919 + step, group=parallel.tensor_parallel_group(),
-                )
-                probe_payload = _probe_payload(probe)
-            else:
-                probe_payload = None
-            probe_payload = _broadcast(probe_payload, src=ps.get_pipeline_model_parallel_first_rank(),
-                                       group=ps.get_pipeline_model_parallel_group())
-            timings["probe_s"] = time.perf_counter() - t2
-
-            # 7. the training pass: rollout microbatches (+ guidance microbatches)
-            t3 = time.perf_counter()
-            guidance = probe_payload["guidance"]
-            seq = tokens.shape[1] if guidance is None else mb.round_up(max(tokens.shape[1], guidance["tokens"].shape[1]))
-            train_batches = mb.split_microbatches(
-                {"tokens": mb.pad_to(tokens, seq, pad_id), "response_mask": mb.pad_to(response_mask, seq, False),
-                 "token_weights": mb.pad_to(probe_payload["token_weights"], seq, 0.0)},
-                cfg.train.micro_batch_size, "rollout")
-            # The scoring pass already holds the teacher's rollout logits: pad them to `seq` (the padded positions are
-            # masked out of the loss) and run the teacher only on the guidance rows.
-            train_teacher = None if t_logits is None else [
-                torch.nn.functional.pad(t, (0, 0, 0, seq - t.shape[1])) for t in t_logits]
-            n_windows = 0
-            if guidance is not None and guidance["tokens"].shape[0] > 0:
-                n_windows = guidance["tokens"].shape[0]
-                guidance_batches = mb.split_microbatches(
-                    {"tokens": mb.pad_to(guidance["tokens"], seq, pad_id),
-                     "logit_weights": mb.pad_to(guidance["logit_weights"], seq, 0.0)},
-                    cfg.train.micro_batch_size, "guidance")
-                guidance_teacher = teacher_logits(teacher, guidance_batches)
-                if train_teacher is not None:
-                    train_teacher += guidance_teacher
-                train_batches += guidance_batches
-            counts = torch.tensor([float(response_mask.sum()), float(n_windows)], dtype=torch.float64,
-                                  device=parallel.device())
-            dist.all_reduce(counts, group=ps.get_data_parallel_group())
-            counts = counts.cpu()
-            scales = ObjectiveScales(num_microbatches=len(train_batches), dp_size=layout.data_parallel,
-                                     global_tokens=int(counts[0]), global_windows=int(counts[1]),
-                                     lambda_traj=cfg.topd.lambda_traj if cfg.topd.variant == "topd" else 0.0,
-                                     variant=cfg.topd.variant)
-            result = train_step(student, optimizer, scheduler, train_batches,
-                                make_loss_fn(train_teacher, scales, vocab_size=vocab, chunk_size=cfg.train.loss_chunk_size))
-            timings["train_s"] = time.perf_counter() - t3
-
-            # 8. weight sync: the student's servers now sample from the updated policy
-            t4 = time.perf_counter()
-            sync_stats = weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(step + 1))
-            timings["sync_s"] = time.perf_counter() - t4
-
-            # 9. metrics and checkpoint
-            metrics = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr, **result.metrics,
-                       **_probe_metrics(probe_payload), **timings, "step_s": time.perf_counter() - t0,
-                       "response_tokens": float(counts[0]), "guidance_windows": float(counts[1]),
-                       "rollout_weight_version": float(versions[-1]) if versions[-1].isdigit() else -1.0}
-            if sync_stats is not None:
-                metrics["sync_mb"] = sync_stats.num_bytes / 2**20
-            history.append(metrics)
-            logger.log(step + 1, metrics)
-            if (step + 1) % cfg.train.save_interval == 0 or step + 1 == cfg.train.steps:
-                save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler, extra={"dataset": dataset_state})
-        logger.close()
-        weight_sync.close()
-        return history
-    finally:
-        if rollouts is not None:
-            rollouts.stop()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    t = torch.tensor([peak], dtype=torch.float64, device=parallel.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _ckpt_step_dir(root: str) -> str:
@@ -274,34 +408,16 @@ def _ckpt_step_dir(root: str) -> str:
     return f"step_{step:08d}"
 
 
-def _dp_share(n: int, layout) -> list[int]:
-    if n % layout.data_parallel:
-        raise ValueError(f"{n} rollouts do not split over data_parallel={layout.data_parallel}: make "
-                         "train.prompts_per_step * rollout.n_samples a multiple of the data-parallel size")
-    per = n // layout.data_parallel
-    return list(range(layout.dp_rank * per, (layout.dp_rank + 1) * per))
-
-
-def _to_first_stage(per_microbatch: list[torch.Tensor] | None, shape, layout) -> torch.Tensor:
-    """Concatenate the last stage's per-microbatch l_t and hand it to every pipeline stage (shape is known)."""
-    from megatron.core import parallel_state as ps
-
-    full = torch.zeros(shape, dtype=torch.float32, device=parallel.device())
-    if per_microbatch is not None:
-        full = torch.cat(per_microbatch)[: shape[0]].float().to(full.device)
-    if layout.pipeline_parallel > 1:
-        dist.broadcast(full, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return full.cpu()
-
-
 def _probe_payload(probe) -> dict:
     g = probe.guidance
     return {
         "token_weights": probe.token_weights.float().cpu(),
-        "guidance": None if g is None else {"tokens": g.tokens.cpu(), "logit_weights": g.logit_weights.float().cpu()},
+        "guidance": None if g is None else {"tokens": g.tokens.cpu(), "lengths": g.lengths.cpu(),
+                                            "logit_weights": g.logit_weights.float().cpu()},
         "n_candidates": int(probe.divergent.numel()),
         "n_divergent": int(probe.divergent.sum()),
         "ot_sum": float(probe.ot_distances.double().sum()) if probe.ot_distances.numel() else 0.0,
+        "timings": probe.timings,
     }
 
 

@@ -6,8 +6,12 @@ from dataclasses import dataclass
 import torch
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
 @dataclass
 class OptimConfig:
+    optimizer: str = "adam"  # adam | sgd (plain gradient descent without momentum: the update is -lr * grad)
     lr: float = 1e-6
     min_lr: float = 0.0
     weight_decay: float = 0.0
@@ -21,6 +25,11 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
 
     def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "sgd" and self.use_distributed_optimizer:
+            raise ValueError("optim.optimizer=sgd needs optim.use_distributed_optimizer=false (Megatron's distributed "
+                             "optimizer shards Adam state only)")
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be positive")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
@@ -51,7 +60,8 @@ def build_optimizer(model_chunks, cfg: OptimConfig, *, params_dtype: torch.dtype
 
     bf16 = params_dtype == torch.bfloat16
     config = OptimizerConfig(
-        optimizer="adam",
+        optimizer=cfg.optimizer,
+        sgd_momentum=0.0,
         lr=cfg.lr,
         min_lr=cfg.min_lr,
         weight_decay=cfg.weight_decay,

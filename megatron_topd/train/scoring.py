@@ -1,49 +1,52 @@
-"""Forward-only passes through Megatron's schedule: the frozen teacher's logit shards, the student's per-token scores.
+"""The scoring pass: per-token scalars of every rollout, with no gradient, before the probe picks candidates.
 
-Both run on the same microbatches as the training pass, so teacher logits line up with student logits microbatch by
-microbatch on the last pipeline stage. Logits stay vocabulary-parallel ([mb, S, V/TP]); nothing is gathered.
+Only per-token scalars survive it: l_t (reverse KL, full vocabulary), log pi_S(y_t), log pi_T(y_t) and the student's
+entropy, each [rows, S] float32 (at topd_70b: 128 rows x 16k x 4 B = 8 MB per tensor per replica). The teacher's logit
+shards of a group of G microbatches are consumed by the student's forward over the same group and dropped.
 """
 from __future__ import annotations
 
 import torch
 
-from megatron_topd.train.step import _run_schedule
+from megatron_topd.train.step import run_schedule
+from megatron_topd.train.teacher import TeacherSignal, groups_of
+
+SCORES = ("token_loss", "student_logprobs", "teacher_logprobs", "entropy")
 
 
-def teacher_logits(teacher_chunks, batches: list[dict]) -> list[torch.Tensor] | None:
-    """This rank's teacher logit shard per microbatch (last stage), or None on other stages."""
-    stash: list[torch.Tensor] = []
-
-    def keep(logits, batch):
-        stash.append(logits.detach())
-        return logits.new_zeros(()), {}
-
-    with torch.no_grad():
-        _run_schedule(teacher_chunks, batches, keep, forward_only=True)
-    return stash or None
-
-
-def student_token_loss(student_chunks, batches: list[dict], teachers: list[torch.Tensor] | None, *, vocab_size, chunk_size):
-    """Per-token reverse KL l_t, token-aligned ([mb, S], 0 at position 0 and padding), per microbatch (last stage)."""
+def score_rollouts(student_chunks, teacher: TeacherSignal, batches: list[dict], *, rows: int, width: int,
+                   group_size: int, vocab_size: int, chunk_size) -> dict[str, torch.Tensor] | None:
+    """Token-aligned [rows, width] scalars per name in SCORES (0 at prompt and padding positions) on the last stage;
+    None on other stages. Row order follows each microbatch's ``row_index``."""
     from megatron_topd import parallel
-    from megatron_topd.losses import vocab_parallel_kl
+    from megatron_topd.losses import vocab_parallel_opd_scores
 
     group = parallel.tensor_parallel_group()
-    stash: list[torch.Tensor] = []
-    it = iter(teachers or [])
-
-    def score(logits, batch):
-        t_logits = next(it)
-        kl = vocab_parallel_kl(logits[:, :-1], t_logits[:, :-1], group=group, vocab_size=vocab_size, chunk_size=chunk_size)
-        stash.append(torch.nn.functional.pad(kl.detach(), (1, 0)))
-        return logits.new_zeros(()), {}
+    out = {name: torch.zeros(rows, width, dtype=torch.float32) for name in SCORES}
+    seen = False
 
     for chunk in student_chunks:
         chunk.eval()
     try:
-        with torch.no_grad():
-            _run_schedule(student_chunks, batches, score, forward_only=True)
+        for part in groups_of(batches, group_size):
+            it = iter(teacher.for_microbatches(part) or [])
+
+            def score(logits, batch):
+                nonlocal seen
+                seen = True
+                s = vocab_parallel_opd_scores(logits[:, :-1], next(it)[:, :-1], batch["tokens"][:, 1:], group=group,
+                                              vocab_size=vocab_size, chunk_size=chunk_size, check_finite=False)
+                mask = batch["response_mask"][:, 1:]
+                idx = batch["row_index"].cpu()
+                for name, value in zip(SCORES, s):
+                    v = torch.where(mask, value.detach().float(), torch.zeros_like(value)).cpu()
+                    n = min(v.shape[1], width - 1)
+                    out[name][idx, 1 : 1 + n] = v[:, :n]
+                return logits.new_zeros(()), {}
+
+            with torch.no_grad():
+                run_schedule(student_chunks, part, score, forward_only=True)
     finally:
         for chunk in student_chunks:
             chunk.train()
-    return stash or None
+    return out if seen else None

@@ -51,7 +51,7 @@ def layouts_logits_and_export(work: str, families: list[str], tokens: torch.Tens
     from megatron_topd.convert.safetensors_io import SafetensorsReader
     from megatron_topd.convert.verify import megatron_logits
     from megatron_topd.models import ModelSpec
-    from megatron_topd.train.checkpoint import load_model_weights
+    from megatron_topd.checkpointing import load_model_weights
 
     result = {}
     for tp, pp in LAYOUTS:

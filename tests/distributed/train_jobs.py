@@ -34,7 +34,7 @@ def local_batches(layout, step: int):
     tokens = data(step)
     per_rank = GLOBAL_BATCH // layout.data_parallel
     mine = tokens[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
-    return make_lm_batches(mine, micro_batch_size=1)
+    return make_lm_batches(mine, micro_batch_size=1, vocab_size=SPEC.vocab_size)
 
 
 def train_steps(layout, chunks, optimizer, scheduler, steps):
@@ -50,7 +50,7 @@ def eval_loss(layout, chunks) -> float:
 
 
 def local_params(chunks) -> dict[str, torch.Tensor]:
-    from megatron_topd.train.checkpoint import unwrap
+    from megatron_topd.checkpointing import unwrap
 
     return {k: v.detach().clone() for k, v in unwrap(chunks[0]).state_dict().items() if not k.endswith("_extra_state")}
 
@@ -59,14 +59,14 @@ def local_params(chunks) -> dict[str, torch.Tensor]:
 def make_initial_checkpoint(root: str) -> None:
     """Freshly initialised weights at (1,1,1), saved as step 0: every layout starts from them (as a converted
     HF student would), because Megatron's random init differs across pipeline layouts."""
-    from megatron_topd.train.checkpoint import save_checkpoint
+    from megatron_topd.checkpointing import save_checkpoint
 
     _, chunks, _, _ = setup(1, 1)
     save_checkpoint(root, 0, chunks)
 
 
 def train_from(init_root: str, tp: int, pp: int, out_root: str) -> list[float]:
-    from megatron_topd.train.checkpoint import load_model_weights, save_checkpoint
+    from megatron_topd.checkpointing import load_model_weights, save_checkpoint
 
     layout, chunks, optimizer, scheduler = setup(tp, pp)
     load_model_weights(f"{init_root}/step_00000000", chunks)
@@ -77,7 +77,7 @@ def train_from(init_root: str, tp: int, pp: int, out_root: str) -> list[float]:
 
 def gather_via_checkpoint(roots: list[str]) -> list[dict[str, torch.Tensor]]:
     """Full (unsharded) parameters of each checkpoint, by loading it into a (1,1,1) model."""
-    from megatron_topd.train.checkpoint import load_model_weights
+    from megatron_topd.checkpointing import load_model_weights
 
     _, chunks, _, _ = setup(1, 1)
     out = []
@@ -89,7 +89,7 @@ def gather_via_checkpoint(roots: list[str]) -> list[dict[str, torch.Tensor]]:
 
 def train_save_continue(init_root: str, ckpt_root: str) -> dict:
     """Uninterrupted TP2 run: 2 steps, checkpoint, eval, step 3."""
-    from megatron_topd.train.checkpoint import load_model_weights, save_checkpoint
+    from megatron_topd.checkpointing import load_model_weights, save_checkpoint
 
     layout, chunks, optimizer, scheduler = setup(2, 1)
     load_model_weights(f"{init_root}/step_00000000", chunks)
@@ -101,7 +101,7 @@ def train_save_continue(init_root: str, ckpt_root: str) -> dict:
 
 
 def resume_and_continue(ckpt_root: str, tp: int, pp: int, with_optimizer: bool) -> dict:
-    from megatron_topd.train.checkpoint import load_checkpoint
+    from megatron_topd.checkpointing import load_checkpoint
 
     layout, chunks, optimizer, scheduler = setup(tp, pp)
     info = load_checkpoint(ckpt_root, chunks, optimizer if with_optimizer else None, scheduler if with_optimizer else None)

@@ -27,7 +27,7 @@ def test_topd_loop_trains_syncs_and_resumes(tmp_path):
         f"rollout.model_path={assets['student_hf']}", f"train.prompts_path={assets['prompts']}",
         f"train.output_dir={out}", f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
         "train.prompts_per_step=2", "rollout.n_samples=2", "rollout.max_new_tokens=24", "topd.window=8",
-        "train.micro_batch_size=2", "train.save_interval=1",
+        "train.save_interval=1",
     ]
     first = run_on_ranks(run_training, 2, overrides + ["train.steps=2"], timeout=1200)
     reduced = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s") and k != "sync_mb"} for r in rows]  # noqa: E731
