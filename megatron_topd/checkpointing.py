@@ -1,5 +1,6 @@
-"""Distributed checkpoints (Megatron `dist_checkpointing`, torch_dist format): model, optimizer, scheduler, step,
-RNG states and any extra training state (data position, rollout position) — loadable at another TP/PP/DP.
+"""Checkpoint I/O, shared by train/ and convert/ (both import it downwards).
+
+Distributed checkpoints (Megatron `dist_checkpointing`, torch_dist format): model, optimizer, scheduler, step, RNG states and any extra training state (data position, rollout position) — loadable at another TP/PP/DP.
 
 Model and optimizer tensors are saved as per-parameter ShardedTensors, so a checkpoint written at TP2 loads at TP1 or
 TP2xPP2. RNG states are per rank: they are restored only when the layout is unchanged (a resumed run reproduces the
