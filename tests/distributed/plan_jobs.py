@@ -66,3 +66,54 @@ def count_layouts(cases: list[tuple]) -> list[dict]:
     """Several (spec, tp, pp, dtype[, first, last]) cases in one spawn (each re-initialises the model-parallel groups)."""
     return [count_state(*case) for case in cases]
 
+
+
+# ---- activation memory -----------------------------------------------------------------------------------------
+ACT = ModelSpec(vocab_size=1000, hidden_size=64, num_layers=4, num_attention_heads=4, num_kv_heads=2,
+                ffn_hidden_size=96, head_dim=32)
+
+
+def _allocation_peak(fn) -> int:
+    """Peak of live CPU bytes allocated while `fn` runs, above what was live when it started.
+
+    From the profiler's allocator events (`profile_memory=True`: every allocation and free with its size), replayed in
+    time order. Unlike ru_maxrss this sees frees and ignores what glibc keeps cached, so it is deterministic.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def activation_peaks(cases: list[tuple[int, str]]) -> list[int]:
+    """Measured activation peak of one training microbatch (forward, loss, backward) per (seq length, recompute).
+
+    The student is DDP-wrapped as in training, so gradients land in the preallocated fp32 buffers; weights, gradient
+    buffers and optimizer exist before the measurement and are not part of it.
+    """
+    from megatron_topd import parallel
+    from megatron_topd.models import build_gpt_model
+    from megatron_topd.train.optim import wrap_ddp
+    from megatron_topd.train.step import cross_entropy_loss, make_lm_batches, run_schedule
+
+    out = []
+    for seq, recompute in cases:
+        parallel.initialize(1, 1, seed=5)
+        overrides = {}
+        if recompute != "none":
+            overrides["recompute_granularity"] = recompute
+        if recompute == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        ddp = wrap_ddp(build_gpt_model(ACT, **overrides))
+        tokens = torch.randint(0, ACT.vocab_size, (1, seq + 1), generator=torch.Generator().manual_seed(seq))
+        batches = make_lm_batches(tokens, 1, ACT.vocab_size)
+        run_schedule([ddp], batches, cross_entropy_loss, forward_only=False)  # warm-up: lazily built buffers
+        out.append(_allocation_peak(lambda: run_schedule([ddp], batches, cross_entropy_loss, forward_only=False)))
+    return out
