@@ -65,7 +65,7 @@ def _layout_key() -> tuple[int, int, int]:
 
 
 def _ensure_optimizer_state(optimizer) -> None:
-    """Give every Adam parameter a (zero) state before loading into a fresh optimizer.
+    """Give every Adam parameter without state a zero state (step 0) - before a load, or a save before any step.
 
     Megatron's DistributedOptimizer builds its loading template from `state_dict()`, which, with torch's Adam (no
     TE/apex fused Adam), needs a `step` entry per parameter; a freshly built optimizer has none yet.
@@ -103,8 +103,9 @@ def _sharded_state(model_chunks, optimizer, scheduler, *, is_loading: bool) -> d
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
-        if is_loading:
-            _ensure_optimizer_state(optimizer)
+        # Loading into a fresh optimizer, or saving one that never stepped (the run's first steps were skipped by the
+        # non-finite guard): a zero Adam state at step 0 is exactly "no update yet".
+        _ensure_optimizer_state(optimizer)
         # 'fully_reshardable': optimizer state in the canonical per-parameter layout, so it reshards across TP/PP/DP.
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd,

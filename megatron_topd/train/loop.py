@@ -119,7 +119,7 @@ def train(cfg: Config) -> list[dict]:
     rollouts = Rollouts(cfg) if rank0 else None
     try:
         student_client, teacher_client, student_urls = connect_servers(cfg, rollouts, vocab)
-        weight_sync = make_weight_sync(replace(cfg.rollout, model_path=cfg.train.student_hf_path), student_urls[0])
+        weight_sync = make_weight_sync(replace(cfg.rollout, model_path=cfg.train.student_hf_path), student_urls)
         if start_step > 0:  # servers start from the initial HF weights: bring them to the resumed student
             weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(start_step))
         logger = MetricsLogger(out, enabled=rank0, total_steps=cfg.train.steps, start_step=start_step,
