@@ -32,6 +32,7 @@ from megatron_topd.train.distill_step import distill_step
 from megatron_topd.train.guard import NonFiniteError, agree_on_nonfinite
 from megatron_topd.train.metrics import MetricsLogger
 from megatron_topd.train.objective import ObjectiveScales
+from megatron_topd.train import preemption
 from megatron_topd.train.optim import build_optimizer, wrap_ddp
 from megatron_topd.train.scoring import score_rollouts
 from megatron_topd.train.teacher import ColocatedTeacher
@@ -63,16 +64,17 @@ class Rollouts:
         self.teacher_cfg = replace(copy.deepcopy(cfg.rollout), model_path=cfg.teacher.hf_path, num_servers=1, ports=[],
                                    urls=[])
         self.student = ServerGroup.from_config(self.student_cfg) if not cfg.rollout.urls else None
-        self.teacher = ServerGroup.from_config(self.teacher_cfg)
+        self.teacher_urls = list(cfg.teacher.urls)  # set (e.g. by a Slurm role split): launch no teacher server
+        self.teacher = ServerGroup.from_config(self.teacher_cfg) if not self.teacher_urls else None
 
     def start(self) -> tuple[list[str], list[str]]:
         """Spawn every server at once and wait for all (start-ups overlap); returns (student urls, teacher urls)."""
         from megatron_topd.rollout import ServerGroup
 
-        own = (self.student.servers if self.student is not None else []) + self.teacher.servers
+        own = [s for group in (self.student, self.teacher) if group is not None for s in group.servers]
         self.all = ServerGroup(own).start()
         student_urls = self.student.urls if self.student is not None else list(self.student_cfg.urls)
-        return student_urls, self.teacher.urls
+        return student_urls, self.teacher.urls if self.teacher is not None else self.teacher_urls
 
     def stop(self) -> None:
         if getattr(self, "all", None) is not None:
@@ -152,9 +154,15 @@ def train(cfg: Config) -> list[dict]:
                 metrics["sync_mb"] = sync_stats.num_bytes / 2**20
             history.append(metrics)
             logger.log(step + 1, metrics)
-            if (step + 1) % cfg.train.save_interval == 0 or step + 1 == cfg.train.steps:
+            saved = (step + 1) % cfg.train.save_interval == 0 or step + 1 == cfg.train.steps
+            if saved:
                 save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler,
                                 extra={"dataset": batch.dataset_state})
+            if step + 1 < cfg.train.steps and preemption.stop_requested():  # a collective: all ranks agree
+                if not saved:  # stop here with a checkpoint; the requeued job resumes from it
+                    preemption.mark_temporary(save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler,
+                                                              extra={"dataset": batch.dataset_state}))
+                break
         logger.close()
         weight_sync.close()
         return history

@@ -1,0 +1,96 @@
+"""Preemption: a signal asks the run to stop; every rank finishes the current step, checkpoints, and exits.
+
+Slurm sends the signal (`--signal=B:USR1@<s>` before the time limit; `scancel --signal=USR1 --batch` by hand or by a
+preemption hook) to the batch script, which forwards it to the trainer's tasks. The handler only sets a flag: the
+step in flight (generation, collectives, optimizer) runs to its end. At the end of each step every rank calls
+`stop_requested()`, one MAX all-reduce of that flag over the world, so all ranks take the same decision in the same
+step even when the signal reached only some of them (or reached them during different steps): no rank is left
+waiting in a collective. The loop then saves a checkpoint and returns; `megatron_topd.launch.trainer` exits with
+`REQUEUE_EXIT_CODE` so the batch script requeues the job, which resumes from that checkpoint.
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request, checkpoint saved, run me again"
+
+_state = {"installed": False, "signal": None, "stopped": False}
+
+
+def install(signals: tuple[int, ...] = (signal.SIGUSR1,)) -> None:
+    """Turn `signals` into a stop request (idempotent). Call before anything slow, so an early signal is kept."""
+    if _state["installed"]:
+        return
+
+    def handler(signum, frame):
+        _state["signal"] = signum
+
+    for sig in signals:
+        signal.signal(sig, handler)
+    _state["installed"] = True
+
+
+def requested_locally() -> bool:
+    return _state["signal"] is not None
+
+
+def stop_requested(group=None) -> bool:
+    """True on every rank when any rank got the signal. A collective: every rank calls it once per step.
+
+    Without `install()` (a plain `megatron-topd train`) no rank can get a stop request: False without communication.
+    """
+    if not _state["installed"]:
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        stop = requested_locally()
+    else:
+        from megatron_topd.parallel import device
+
+        flag = torch.tensor([1.0 if requested_locally() else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        stop = bool(flag.item() > 0)
+    if stop:
+        _state["stopped"] = True
+    return stop
+
+
+def stopped_early() -> bool:
+    """The loop stopped on a request (checkpoint saved): the process should exit with REQUEUE_EXIT_CODE."""
+    return _state["stopped"]
+
+
+def reset() -> None:
+    """Forget the request (tests running several loops in one process)."""
+    _state.update(signal=None, stopped=False)
+
+
+TEMPORARY_MARK = "PREEMPTION_CHECKPOINT"
+
+
+def mark_temporary(path) -> None:
+    """Mark a checkpoint made only because of a stop request (off the save_interval schedule); rank 0 writes."""
+    from pathlib import Path
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (Path(path) / TEMPORARY_MARK).write_text("saved on a stop request; removed once a later checkpoint exists\n")
+
+
+def prune_temporary(ckpt_root) -> list[str]:
+    """Remove stop-request checkpoints older than the latest one (at 70B each holds the optimizer: ~1 TB), so a
+    requeued run ends with the checkpoints of an uninterrupted run. Call on one rank, after training."""
+    import shutil
+    from pathlib import Path
+
+    from megatron_topd.checkpointing import latest_step
+
+    latest = latest_step(ckpt_root)
+    removed = []
+    for mark in sorted(Path(ckpt_root).glob(f"step_*/{TEMPORARY_MARK}")):
+        step = int(mark.parent.name.split("_")[1])
+        if latest is not None and step < latest:
+            shutil.rmtree(mark.parent)
+            removed.append(mark.parent.name)
+    return removed
