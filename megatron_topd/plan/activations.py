@@ -8,7 +8,7 @@ Two kernel profiles, because what is saved depends on the kernels:
 - ``te_flash`` (GPU: Transformer Engine layers, flash/cuDNN attention): Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", eq. 1-2) redone for SwiGLU, GQA and fused attention without dropout:
   norm inputs and GEMM inputs (4 h), Q/K/V and the attention output kept by flash attention (2 q + 2 kv), the SwiGLU
-  input (2 f) and output (f). No S^2 term. 70B at TP8 without SP: 89 kB/token/layer, i.e. 29 GB per 16k microbatch on
+  input (2 f) and output (f). No S^2 term. 70B at TP8 without SP: 92 kB/token/layer, i.e. 30 GB per 16k microbatch on
   a 20-layer stage, as the issue estimated by hand.
 - ``local_unfused`` (CPU: Megatron's local spec, as `build_gpt_model` builds it without TE): read off the autograd
   graph of the local layer (checked with saved-tensor hooks): torch RMSNorm keeps input, normalised input, output and

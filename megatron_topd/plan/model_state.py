@@ -43,10 +43,22 @@ def _by_dtype(params: list[ParamShape], params_dtype: str, norm_dtype: str) -> d
     return groups
 
 
+_CACHE: dict[tuple, ModelState] = {}
+
+
 def student_state(spec: ModelSpec, *, tp: int, pp: int, stage: int, layers: list[int], dp: int, dp_rank: int = 0,
                   params_dtype: str = "bf16", norm_dtype: str = "fp32", distributed_optimizer: bool = True,
                   fp8: bool = False) -> ModelState:
     """This rank's trained-student bytes. `norm_dtype`: "fp32" for the local spec (CPU), params_dtype with TE."""
+    key = (repr(spec), tp, pp, stage, tuple(layers), dp, dp_rank, params_dtype, norm_dtype, distributed_optimizer, fp8)
+    if key not in _CACHE:
+        _CACHE[key] = _student_state(spec, tp, pp, stage, layers, dp, dp_rank, params_dtype, norm_dtype,
+                                     distributed_optimizer, fp8)
+    return _CACHE[key]
+
+
+def _student_state(spec, tp, pp, stage, layers, dp, dp_rank, params_dtype, norm_dtype, distributed_optimizer,
+                   fp8) -> ModelState:
     params = stage_params(spec, tp, layers[stage], first=stage == 0, last=stage == pp - 1, pp=pp)
     weights = grads = optim = 0
     for dtype, group in _by_dtype(params, params_dtype, norm_dtype).items():
