@@ -9,7 +9,8 @@ maximum; 2 guidance rows of prefix + 16 tokens per rank.
 - old: the path as it was at the start of issue 9 (commit a122847): every row padded to the step's longest, one row
   per microbatch, the scoring pass keeps every teacher logit shard for the whole step, `F.pad` copies them for the
   training pass, guidance rows are padded to the step width and their KL runs at every position.
-- new: `train.batches` token-budget microbatches (2048 tokens), `score_rollouts` keeping per-token scalars only,
+- new: `train.batches` token-budget microbatches (budget = the max length, as the example configs set
+  train.max_tokens_per_microbatch = train.max_seq_length), `score_rollouts` keeping per-token scalars only,
   `distill_step` with the teacher over groups of G=2 microbatches and the guidance KL at weighted positions only.
 
     .venv/bin/python benchmarks/bench_step_memory.py                  # the three cases of the issue
@@ -24,7 +25,6 @@ import resource
 import torch
 
 V = 151936
-BUDGET = 2048
 GROUP = 2
 
 
@@ -135,7 +135,8 @@ def _new_pass(spec, student, optimizer, scheduler, teacher, rows, guidance):
     from megatron_topd.train.teacher import ColocatedTeacher
 
     colocated = ColocatedTeacher([teacher])
-    batches = rollout_microbatches(rows, BUDGET, 0)
+    budget = max(rows.lengths())
+    batches = rollout_microbatches(rows, budget, 0)
     score_rollouts(student, colocated, batches, rows=len(rows), width=max(rows.lengths()), group_size=GROUP,
                    vocab_size=V, chunk_size=1024)
     width = max(len(r) for r in guidance)
@@ -144,7 +145,7 @@ def _new_pass(spec, student, optimizer, scheduler, teacher, rows, guidance):
     for i, row in enumerate(guidance):
         g_tokens[i, : len(row)] = row
         g_weights[i, len(row) - 17 : len(row) - 1] = 1 / 16
-    batches += guidance_microbatches(g_tokens, torch.tensor([len(r) for r in guidance]), g_weights, BUDGET, 0)
+    batches += guidance_microbatches(g_tokens, torch.tensor([len(r) for r in guidance]), g_weights, budget, 0)
     scales = ObjectiveScales(dp_size=1, global_tokens=sum(len(r) for r in rows.responses),
                              global_windows=len(guidance), lambda_traj=1.0, variant="topd")
     distill_step(student, optimizer, scheduler, colocated, batches, scales, group_size=GROUP, vocab_size=V,

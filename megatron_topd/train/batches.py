@@ -2,8 +2,8 @@
 
 A step's rows (rollouts: prompt + response; guidance: prefix + teacher window) differ wildly in length, so padding
 them to the step's longest row wastes most of the compute at 16k context. Rows are sorted by length and packed
-greedily into microbatches of at most ``max_tokens`` padded tokens; each microbatch is padded only to its own longest
-row (rounded up to ``multiple``: sequence parallelism needs a multiple of TP). Stages of a pipeline exchange the
+greedily into microbatches of at most ``max_tokens`` padded tokens whose padding stays under 10%; each microbatch is
+padded only to its own longest row (rounded up to ``multiple``: sequence parallelism needs a multiple of TP). Stages of a pipeline exchange the
 shapes first (Megatron's ``variable_seq_lengths``), so microbatches may differ in rows and length.
 
 Sizes at ``examples/topd_70b.yaml`` (128 rows per DP replica, S <= 16k, budget 16k tokens): a microbatch is one 16k row
@@ -26,19 +26,26 @@ def round_up(n: int, multiple: int = 8) -> int:
     return max(multiple, math.ceil(n / multiple) * multiple)
 
 
-def pack_rows(lengths: list[int], max_tokens: int, multiple: int = 8) -> list[list[int]]:
-    """Row indices per microbatch: longest first, each microbatch <= ``max_tokens`` once padded to its longest row."""
+def pack_rows(lengths: list[int], max_tokens: int, multiple: int = 8, max_padding: float = 0.1) -> list[list[int]]:
+    """Row indices per microbatch: longest first; a row joins the current microbatch while the microbatch stays
+    within ``max_tokens`` once padded to its longest row and its padding stays within ``max_padding`` of it."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
-    i = 0
-    while i < len(order):
-        width = round_up(lengths[order[i]], multiple)
+    width = real = 0
+    for i in order:
+        n = lengths[i]
+        if groups:
+            rows = len(groups[-1]) + 1
+            if rows * width <= max_tokens and (real + n) >= (1 - max_padding) * rows * width:
+                groups[-1].append(i)
+                real += n
+                continue
+        width = round_up(n, multiple)
         if width > max_tokens:
-            raise ValueError(f"a row of {lengths[order[i]]} tokens (padded to {width}) exceeds "
-                             f"train.max_tokens_per_microbatch={max_tokens}: raise the budget to at least {width}")
-        rows = max_tokens // width
-        groups.append(order[i : i + rows])
-        i += rows
+            raise ValueError(f"a row of {n} tokens (padded to {width}) exceeds train.max_tokens_per_microbatch="
+                             f"{max_tokens}: raise the budget to at least {width}")
+        groups.append([i])
+        real = n
     return groups
 
 
