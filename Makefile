@@ -2,11 +2,12 @@
 PYTHON ?= python3.11
 VENV := .venv
 VENV_SGLANG := .venv-sglang
+VENV_NEMORUN := .venv-nemorun
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 MCORE_VERSION := 0.19.2
 
-.PHONY: setup setup-sglang test test-fast demo clean-env
+.PHONY: setup setup-sglang setup-nemorun setup-slurm test test-fast test-slurm demo clean-env
 
 setup: $(VENV)/.stamp
 
@@ -26,8 +27,25 @@ $(VENV_SGLANG)/.stamp: requirements/sglang-cpu.txt requirements/pin.txt
 	bash scripts/setup_sglang_cpu.sh $(PYTHON) $(VENV_SGLANG)
 	touch $@
 
-test: setup setup-sglang
+# NeMo-Run (the launcher side, no torch) in its own environment: its dependencies must not move the trainer's.
+setup-nemorun: $(VENV_NEMORUN)/.stamp
+
+$(VENV_NEMORUN)/.stamp: requirements/nemorun.txt
+	test -x $(VENV_NEMORUN)/bin/python || $(PYTHON) -m venv $(VENV_NEMORUN)
+	$(VENV_NEMORUN)/bin/pip install -q --upgrade pip
+	$(VENV_NEMORUN)/bin/pip install -q -r requirements/nemorun.txt
+	PYTHONPATH=. $(VENV_NEMORUN)/bin/python -c "import nemo_run, megatron_topd.launch.nemo_run"
+	touch $@
+
+# Slurm 22.05 + munge + slurmdbd + MariaDB + shellcheck from apt (root only; tests/slurm skip when not root).
+setup-slurm:
+	bash scripts/setup_slurm.sh
+
+test: setup setup-sglang setup-nemorun setup-slurm
 	$(PY) -m pytest -q tests
+
+test-slurm: setup setup-sglang setup-nemorun setup-slurm
+	$(PY) -m pytest -q tests/slurm
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
@@ -36,4 +54,4 @@ demo: setup setup-sglang
 	$(PY) -m megatron_topd.cli demo --config examples/cpu_demo.yaml
 
 clean-env:
-	rm -rf $(VENV) $(VENV_SGLANG)
+	rm -rf $(VENV) $(VENV_SGLANG) $(VENV_NEMORUN)
