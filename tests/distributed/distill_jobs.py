@@ -120,7 +120,7 @@ def reference(root: str) -> dict:
     return out
 
 
-def parallel_step(root: str, tp: int, pp: int, out_root: str) -> dict:
+def parallel_step(root: str, tp: int, pp: int, out_root: str, **knobs) -> dict:
     """One SGD step (lr=1, no clipping: the update is minus the gradient) per variant through the real data path."""
     from megatron.core import parallel_state as ps
 
@@ -136,7 +136,7 @@ def parallel_step(root: str, tp: int, pp: int, out_root: str) -> dict:
     from megatron_topd.train.teacher import ColocatedTeacher
 
     layout = parallel.initialize(tp, pp, seed=3)
-    overrides = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp).model_overrides()
+    overrides = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, **knobs).model_overrides()
     teacher_model = build_gpt_model(SPEC, **overrides)
     load_model_weights(f"{root}/teacher/step_00000000", [teacher_model])
     teacher = ColocatedTeacher([teacher_model])

@@ -9,6 +9,8 @@ from megatron_topd.parallel.spawn import run_on_ranks
 from tests.distributed import distill_jobs as jobs
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)]
+# Long-context knobs that run on CPU: full / selective recompute, uneven pipeline stages (4 layers as 1 + 3).
+KNOBS = [((2, 1, 1), {"recompute": "full"}), ((2, 2, 1), {"recompute": "selective", "first_stage_layers": 1})]
 METRICS = ("loss", "opd_loss", "traj_loss", "mean_token_kl", "entropy", "logprob_diff_mean", "logprob_diff_max")
 
 
@@ -20,9 +22,10 @@ def test_distill_step_equals_full_batch_reference_at_every_layout(tmp_path):
     assert ref["topd"]["traj_loss"] > 0 and ref["opd_suppress"]["opd_loss"] < ref["opd"]["opd_loss"]
 
     roots = []
-    for tp, pp, dp in LAYOUTS:
-        out = str(tmp_path / f"tp{tp}pp{pp}dp{dp}")
-        per_rank = run_on_ranks(jobs.parallel_step, tp * pp * dp, root, tp, pp, out, timeout=600)
+    runs = [((tp, pp, dp), {}) for tp, pp, dp in LAYOUTS] + KNOBS
+    for (tp, pp, dp), knobs in runs:
+        out = str(tmp_path / f"tp{tp}pp{pp}dp{dp}{''.join(map(str, knobs.values()))}")
+        per_rank = run_on_ranks(jobs.parallel_step, tp * pp * dp, root, tp, pp, out, timeout=600, **knobs)
         roots.append(out)
         for rank, res in enumerate(per_rank):
             for variant in jobs.VARIANTS:
@@ -30,17 +33,17 @@ def test_distill_step_equals_full_batch_reference_at_every_layout(tmp_path):
                 assert not got["skipped"]
                 for name in METRICS:
                     assert got[name] == pytest.approx(want[name], rel=2e-5, abs=1e-7), \
-                        f"{name} {variant} layout {(tp, pp, dp)} rank {rank}"
+                        f"{name} {variant} layout {(tp, pp, dp)} {knobs} rank {rank}"
         if dp == 2:  # both replicas held rows and guidance windows
             assert {r["topd"]["windows_local"] for r in per_rank} == {1, 2}
 
     (updates,) = run_on_ranks(jobs.updates_via_checkpoint, 1, root, roots)
-    for (tp, pp, dp), per_variant in zip(LAYOUTS, updates):
+    for ((tp, pp, dp), knobs), per_variant in zip(runs, updates):
         for variant in jobs.VARIANTS:
             want = ref[variant]["grads"]
             got = per_variant[variant]
             assert got.keys() == want.keys()
             for k in want:
                 torch.testing.assert_close(got[k].double(), want[k], rtol=2e-4, atol=2e-6,
-                                           msg=f"grad {k} {variant} layout {(tp, pp, dp)}")
+                                           msg=f"grad {k} {variant} layout {(tp, pp, dp)} {knobs}")
             assert max(want[k].abs().max() for k in want) > 1e-4  # the gradients are not trivially zero
