@@ -1,18 +1,27 @@
 #!/bin/bash
-# TOPD: 70B student (e.g. Llama-3.1-70B / Qwen2.5-72B), co-located teacher. SGLang servers run on their own nodes: start them
-# (python -m sglang.launch_server, one per node) and pass rollout.urls=[...] — or let rank 0 launch them when
-# GPUs are free for them (rollout.urls empty).
+# TOPD: 70B student (e.g. Llama-3.1-70B / Qwen2.5-72B), co-located teacher; examples/topd_70b.yaml.
 #   sbatch slurm/topd_70b.sh [section.key=value ...]
-# Layout: 8 nodes x 8 GPUs = 64 ranks: TP=8 inside a node, PP=4 across nodes, DP=2. bf16 + FP8 (TE, Hopper).
+# Roles (launch: section of the config): 8 trainer nodes x 8 GPUs (TP=8, PP=4, DP=2; bf16 + FP8 on Hopper),
+# 8 student-rollout nodes (one SGLang server at TP=8 each), 1 teacher node (SGLang for near-future windows).
+# --nodes must equal the sum; change both together. Images (pyxis; docs/launching.md says how to build them):
+#   TRAINER_IMAGE  built FROM nvcr.io#nvidia/pytorch:25.10-py3 + requirements/trainer.txt + megatron-core
+#   SGLANG_IMAGE   nvcr.io#nvidia/sglang:<tag with sglang 0.5.23> (or any image with sglang==0.5.23)
 #SBATCH --job-name=topd-70b
-#SBATCH --nodes=8
+#SBATCH --nodes=17
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=48:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@900
+#SBATCH --open-mode=append
+#SBATCH --output=topd-70b-%j.out
 export CONFIG=${CONFIG:-examples/topd_70b.yaml}
+: "${TRAINER_IMAGE:?set TRAINER_IMAGE to the trainer image (docs/launching.md)}"
+: "${SGLANG_IMAGE:?set SGLANG_IMAGE to an SGLang 0.5.23 image (docs/launching.md)}"
+export TRAINER_IMAGE SGLANG_IMAGE
+export MOUNTS=${MOUNTS:-/lustre:/lustre}
 # sbatch runs a copy of this script: find the repo through the submit directory.
-exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" "$@"
+exec bash "${SLURM_SUBMIT_DIR:-.}/slurm/job.sh" "$@"

@@ -1,0 +1,118 @@
+"""`LaunchConfig` (the `launch:` section): how a Slurm job's nodes split into roles, and where roles meet.
+
+Torch-free on purpose: the NeMo-Run recipe (a login node's small environment) and the SGLang role (the SGLang image)
+read it without the trainer's dependencies. `load_raw` reads a YAML config plus dotted overrides without building the
+whole `Config`; the trainer still validates everything with `megatron_topd.config.load_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megatron_topd import checks
+
+_int_at_least = lambda name, v, lo: checks.int_at_least("launch", name, v, lo)  # noqa: E731
+
+
+@dataclass
+class LaunchConfig:
+    """Nodes per role in one allocation, split by node index: trainer nodes first, then student, then teacher."""
+
+    trainer_nodes: int = 1
+    tasks_per_node: int = 8  # trainer ranks per node: one per GPU (CPU: one per core you give it)
+    student_nodes: int = 0  # 0: no student-server nodes; trainer rank 0 launches the servers (CPU demo, one box)
+    student_servers_per_node: int = 1  # GPU: gpus_per_node // rollout.tp_size
+    teacher_nodes: int = 0  # 0: no teacher nodes (the teacher's window server runs where rank 0 launches it)
+    teacher_nodes_per_server: int = 1  # > 1: one SGLang server over several nodes (--nnodes/--node-rank)
+    gpus_per_node: int = 0  # 0 on CPU; >0: servers get --base-gpu-id slices, trainer binds LOCAL_RANK
+    endpoints_dir: str = ""  # "" = <train.output_dir>/endpoints
+    log_dir: str = ""  # "" = <train.output_dir>/logs
+    endpoint_timeout_s: float = 1800.0  # the trainer waits this long for every server's URL
+    master_port: int = 0  # trainer rendezvous port; 0 = 20000 + job id % 20000
+    dist_init_port: int = 0  # multi-node teacher servers' --dist-init-addr port; 0 = master_port + 1000
+
+    def validate(self) -> "LaunchConfig":
+        for name in ("trainer_nodes", "tasks_per_node", "student_servers_per_node", "teacher_nodes_per_server"):
+            _int_at_least(name, getattr(self, name), 1)
+        for name in ("student_nodes", "teacher_nodes", "gpus_per_node"):
+            _int_at_least(name, getattr(self, name), 0)
+        if self.teacher_nodes % self.teacher_nodes_per_server:
+            raise ValueError(f"launch.teacher_nodes={self.teacher_nodes} is not a multiple of "
+                             f"launch.teacher_nodes_per_server={self.teacher_nodes_per_server}: every teacher server "
+                             "spans the same number of nodes")
+        if (self.student_nodes == 0) != (self.teacher_nodes == 0):
+            raise ValueError(f"launch.student_nodes={self.student_nodes}, launch.teacher_nodes={self.teacher_nodes}: "
+                             "give both server roles nodes (a role-split job) or neither (rank 0 launches both)")
+        checks.number_in("launch", "endpoint_timeout_s", self.endpoint_timeout_s, 0.0, float("inf"), lo_open=True)
+        checks.int_in("launch", "master_port", self.master_port, 0, 65535)
+        checks.int_in("launch", "dist_init_port", self.dist_init_port, 0, 65535)
+        return self
+
+    @property
+    def role_split(self) -> bool:
+        """Servers on their own nodes (URLs handed over through the endpoints folder)."""
+        return self.student_nodes > 0
+
+    @property
+    def total_nodes(self) -> int:
+        return self.trainer_nodes + self.student_nodes + self.teacher_nodes
+
+    @property
+    def num_student_servers(self) -> int:
+        return self.student_nodes * self.student_servers_per_node
+
+    @property
+    def num_teacher_servers(self) -> int:
+        return self.teacher_nodes // self.teacher_nodes_per_server
+
+    def endpoints(self, output_dir: str) -> Path:
+        return Path(self.endpoints_dir or Path(output_dir) / "endpoints")
+
+    def logs(self, output_dir: str) -> Path:
+        return Path(self.log_dir or Path(output_dir) / "logs")
+
+    def ports(self, job_id: str | int | None) -> tuple[int, int]:
+        """(trainer rendezvous port, teacher --dist-init-addr port) for this job."""
+        master = self.master_port or 20000 + int(job_id or 0) % 20000
+        return master, self.dist_init_port or (master + 1000 if master + 1000 <= 65535 else master - 1000)
+
+
+def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The config file as a dict with dotted overrides applied (values parsed as YAML), nothing validated yet."""
+    data = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node[parts[-1]] = value
+    return data
+
+
+def section(data: dict, name: str, cls):
+    """Dataclass `cls` from `data[name]`; unknown keys are an error naming them (as `load_config` does)."""
+    values = data.get(name) or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in unknown]}; known keys under {name}: "
+                         f"{sorted(known)}")
+    return cls(**values)
+
+
+def launch_section(data: dict) -> LaunchConfig:
+    return section(data, "launch", LaunchConfig).validate()

@@ -1,0 +1,97 @@
+"""Endpoint hand-off between roles: each server writes its URL to `<endpoints>/<role>/<name>.json` once healthy; the
+trainer waits for the expected count, with a deadline and an error that names the missing role and its log.
+
+Files carry the attempt (`<job id>.<restart count>`): a requeued job never reads the URLs of its previous run.
+A role's end is a file too: `<endpoints>/trainer.exit` holds the trainer's exit code, and the servers stop on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+EXIT_FILE = "trainer.exit"
+
+
+def job_id() -> str | None:
+    """The Slurm job id shared by every step: a heterogeneous job's components each have their own SLURM_JOB_ID,
+    their leader's id is SLURM_HET_JOB_ID."""
+    return os.environ.get("SLURM_HET_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+
+
+def attempt_id() -> str:
+    """This run's identity: Slurm job id and restart count (both visible to every step of the job)."""
+    job = job_id()
+    if job is None:
+        return f"local-{os.getppid()}"
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on (virtual nodes share one host: `hostname` would not tell them apart)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def publish(root: str | Path, role: str, name: str, url: str, *, log: str = "", **extra) -> Path:
+    """Atomically write one endpoint file (a reader never sees half a file)."""
+    folder = Path(root) / role
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = folder / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({"url": url, "attempt": attempt_id(), "node": node_name(), "log": log, **extra}))
+    os.replace(tmp, path)
+    return path
+
+
+def read(root: str | Path, role: str) -> list[dict]:
+    """This attempt's endpoints of `role`, sorted by file name (a stable order for every reader)."""
+    folder = Path(root) / role
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            entry = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if entry.get("attempt") == attempt_id():
+            out.append(entry)
+    return out
+
+
+def wait_for(root: str | Path, expected: dict[str, int], *, timeout_s: float, logs: dict[str, str] | None = None,
+             poll_s: float = 1.0) -> dict[str, list[str]]:
+    """Block until every role has its expected number of URLs; return {role: [urls]}.
+
+    Raises TimeoutError naming each role that is short, how many came, and where its log is. A server that died
+    before becoming healthy shows up here as a missing URL; its log says why.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = {role: read(root, role) for role in expected}
+        short = {role: n for role, n in expected.items() if len(found[role]) < n}
+        if not short:
+            return {role: [e["url"] for e in found[role][: expected[role]]] for role in expected}
+        if time.monotonic() > deadline:
+            lines = [f"  {role}: {len(found[role])} of {n} server URL(s) in {Path(root) / role} "
+                     f"(log: {(logs or {}).get(role, 'the role log under launch.log_dir')})" for role, n in short.items()]
+            raise TimeoutError(f"waited {timeout_s:.0f}s (launch.endpoint_timeout_s) for the SGLang servers; missing:\n"
+                               + "\n".join(lines) + "\nA server that failed to start says why in its log.")
+        time.sleep(poll_s)
+
+
+def write_exit(root: str | Path, code: int) -> None:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{EXIT_FILE}.tmp"
+    tmp.write_text(json.dumps({"code": int(code), "attempt": attempt_id()}))
+    os.replace(tmp, root / EXIT_FILE)
+
+
+def read_exit(root: str | Path) -> int | None:
+    """The trainer's exit code of this attempt, or None while it runs."""
+    try:
+        entry = json.loads((Path(root) / EXIT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return int(entry["code"]) if entry.get("attempt") == attempt_id() else None

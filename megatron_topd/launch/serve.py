@@ -1,0 +1,66 @@
+"""A server role's task: one per node of the student or teacher role (`srun --ntasks-per-node=1`).
+
+    python -m megatron_topd.launch.serve --role student|teacher --config C [section.key=value ...]
+
+Starts this node's SGLang server(s) bound to the node's name (a routable address, never 127.0.0.1), waits for
+`/health`, publishes each URL under `<endpoints>/<role>/`, then serves until the trainer's exit file appears (exit
+with the trainer's code, so whichever role a launcher sees end first reports the trainer's result) or a server dies
+(exit 1 with its log tail).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from megatron_topd.launch import endpoints
+from megatron_topd.launch.config import launch_section, load_raw
+from megatron_topd.launch.nodes import step_nodes
+from megatron_topd.launch.servers import servers_on_node
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", required=True, choices=("student", "teacher"))
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the trainer's stop request; a server just keeps serving
+    data = load_raw(args.config, args.overrides)
+    lc = launch_section(data)
+    out = (data.get("train") or {}).get("output_dir", "runs/topd")
+    root, logs = lc.endpoints(out), lc.logs(out)
+    nodes = step_nodes()
+    index = int(os.environ.get("SLURM_NODEID", "0"))
+    _, dist_port = lc.ports(endpoints.job_id())
+    specs = servers_on_node(data, lc, args.role, nodes, index, log_dir=logs, dist_init_port=dist_port)
+    print(f"[{args.role} {endpoints.node_name()}] starting {len(specs)} server(s): "
+          + "; ".join(" ".join(s.server.command()) for s in specs), flush=True)
+    try:
+        for s in specs:
+            s.server.start()
+        for s in specs:
+            if s.publishes:
+                s.server.wait_healthy()
+                endpoints.publish(root, args.role, s.name, s.server.url, log=str(s.server.log_path))
+                print(f"[{args.role} {s.node}] {s.server.url} healthy, published", flush=True)
+        while True:
+            code = endpoints.read_exit(root)
+            if code is not None:
+                print(f"[{args.role} {endpoints.node_name()}] trainer exited with {code}: stopping", flush=True)
+                return code
+            for s in specs:
+                if not s.server.is_running():
+                    print(f"[{args.role} {s.node}] SGLang server {s.name} died (log {s.server.log_path}):\n"
+                          f"{s.server.log_tail()}", file=sys.stderr, flush=True)
+                    return 1
+            time.sleep(1.0)
+    finally:
+        for s in specs:
+            s.server.stop(timeout_s=20)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The trainer role's task: one per trainer rank (`srun --ntasks-per-node=<ranks>`; SLURM_PROCID is the rank).
+
+    python -m megatron_topd.launch.trainer --config C [section.key=value ...]
+
+In a role-split job it first waits for every server's URL under `<endpoints>/` (deadline: launch.endpoint_timeout_s)
+and hands them to the run as `rollout.urls` / `teacher.urls`, with the weight-sync master address set to the first
+trainer node's name (routable from the server nodes). Without server nodes, rank 0 launches the servers itself.
+A stop request (SIGUSR1, see train/preemption.py) ends the run after a checkpoint with exit code 75 (requeue me).
+Rank 0 (any rank on failure) writes `<endpoints>/trainer.exit`, on which the server roles stop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from megatron_topd.train import preemption
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def handoff_overrides(data: dict, lc, root, logs, nodes: list[str]) -> list[str]:
+    """Wait for the servers' URLs; return the overrides that point the run at them (empty without server nodes)."""
+    from megatron_topd.launch import endpoints
+
+    if not lc.role_split:
+        return []
+    urls = endpoints.wait_for(root, {"student": lc.num_student_servers, "teacher": lc.num_teacher_servers},
+                              timeout_s=lc.endpoint_timeout_s,
+                              logs={r: f"{logs}/{r}.log and {logs}/sglang/" for r in ("student", "teacher")})
+    return [f"rollout.urls={json.dumps(urls['student'])}", f"teacher.urls={json.dumps(urls['teacher'])}",
+            f"rollout.sync_master_address={nodes[0]}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    preemption.install()  # first: a stop request that comes while models load must not kill the task
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+
+    from megatron_topd.launch import endpoints
+    from megatron_topd.launch.config import launch_section, load_raw
+    from megatron_topd.launch.nodes import step_nodes
+
+    data = load_raw(args.config, args.overrides)
+    lc = launch_section(data)
+    out = (data.get("train") or {}).get("output_dir", "runs/topd")
+    root, logs = lc.endpoints(out), lc.logs(out)
+    code = 1
+    try:
+        from megatron_topd.config import load_config
+
+        load_config(args.config, args.overrides)  # a bad config fails now, not after the servers came up
+        nodes = step_nodes()
+        os.environ.setdefault("MASTER_ADDR", nodes[0])
+        os.environ.setdefault("MASTER_PORT", str(lc.ports(endpoints.job_id())[0]))
+        extra = handoff_overrides(data, lc, root, logs, nodes)
+        if rank() == 0 and extra:
+            print(f"[trainer {endpoints.node_name()}] servers: {' '.join(extra)}", flush=True)
+
+        from megatron_topd import parallel
+        from megatron_topd.train.loop import train
+
+        train(load_config(args.config, args.overrides + extra))
+        parallel.destroy()
+        code = preemption.REQUEUE_EXIT_CODE if preemption.stopped_early() else 0
+        if code == 0 and rank() == 0:
+            removed = preemption.prune_temporary(Path(out) / "checkpoints")
+            if removed:
+                print(f"[trainer] removed stop-request checkpoints now superseded: {removed}", flush=True)
+    except BaseException:  # noqa: BLE001 - report, tell the servers, exit non-zero
+        traceback.print_exc()
+        code = 1
+    finally:
+        if code != 0 or rank() == 0:
+            endpoints.write_exit(root, code)
+    if code == preemption.REQUEUE_EXIT_CODE and rank() == 0:
+        print("[trainer] stopped on request after a checkpoint: exit 75 (requeue)", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+#!/bin/bash
+# The body shared by the sbatch scripts in this folder: one allocation split into roles by node index.
+#
+#   trainer nodes (first launch.trainer_nodes)  srun, one task per rank    python -m megatron_topd.launch.trainer
+#   student nodes (next launch.student_nodes)   srun, one task per node    python -m megatron_topd.launch.serve --role student
+#   teacher nodes (last launch.teacher_nodes)   srun, one task per node    python -m megatron_topd.launch.serve --role teacher
+#
+# Servers bind their node's name and publish their URL under <run_dir>/endpoints/<role>/ once healthy; the trainer
+# waits for all of them. With launch.student_nodes=0 only the trainer runs and its rank 0 launches the servers.
+# A SIGUSR1 to this script (--signal=B:USR1@<s>, or `scancel --signal=USR1 --batch <job>`) is forwarded to the
+# trainer: it finishes the step, checkpoints and exits 75; this script then requeues the job, which resumes.
+#
+# Called by the topd_*.sh scripts with CONFIG set; extra arguments are dotted config overrides.
+# Environment: TRAINER_IMAGE / SGLANG_IMAGE (pyxis images, e.g. nvcr.io#nvidia/pytorch:25.10-py3-based builds; empty:
+# no container), MOUNTS (extra container mounts), TRAINER_PYTHON / SERVER_PYTHON (interpreters inside them),
+# TOPD_DRYRUN=1 (print the plan and the srun lines instead of running them; needs SLURM_JOB_NODELIST).
+set -euo pipefail
+
+: "${CONFIG:?set CONFIG to a YAML config}"
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$REPO"
+TRAINER_PYTHON=${TRAINER_PYTHON:-python3}
+SERVER_PYTHON=${SERVER_PYTHON:-python3}
+TRAINER_IMAGE=${TRAINER_IMAGE:-}
+SGLANG_IMAGE=${SGLANG_IMAGE:-}
+MOUNTS=${MOUNTS:-}
+DRYRUN=${TOPD_DRYRUN:-0}
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export CUDA_DEVICE_MAX_CONNECTIONS=1      # Megatron's TP/SP overlap needs ordered kernel launches
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+
+# Container flags for one role's steps (pyxis); the repo is mounted at the same path, so every path is the same
+# inside and outside.
+container() {
+  local image=$1
+  [[ -z $image ]] && return 0
+  printf '%s\n' "--container-image=$image" "--container-mounts=$REPO:$REPO${MOUNTS:+,$MOUNTS}" \
+    "--container-workdir=$REPO"
+}
+mapfile -t TRAINER_C < <(container "$TRAINER_IMAGE")
+mapfile -t SGLANG_C < <(container "$SGLANG_IMAGE")
+
+run() {  # run a command, or print it under TOPD_DRYRUN=1
+  if [[ $DRYRUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+# 1. The plan: validate the whole config and split the nodes (in the trainer image: it holds the config's code).
+: "${SLURM_JOB_NODELIST:?not inside a Slurm allocation (set SLURM_JOB_NODELIST for TOPD_DRYRUN=1)}"
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+if [[ $DRYRUN == 1 ]]; then
+  plan=$("$TRAINER_PYTHON" -m megatron_topd.launch.plan --config "$CONFIG" "$@")
+else
+  plan=$(srun --job-name=plan --nodes=1 --ntasks=1 --nodelist="$first_node" "${TRAINER_C[@]}" \
+    "$TRAINER_PYTHON" -m megatron_topd.launch.plan --config "$CONFIG" "$@")
+fi
+eval "$plan"
+attempt="${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}"
+echo "[job] attempt $attempt: trainer=$TRAINER_NODES student=${STUDENT_NODES:-rank0} teacher=${TEACHER_NODES:-rank0}" \
+  "run_dir=$RUN_DIR logs=$LOGS"
+[[ $DRYRUN == 1 ]] || { rm -rf "$ENDPOINTS"; mkdir -p "$ENDPOINTS" "$LOGS"; }
+GPU_ARGS=()
+if (( GPUS_PER_NODE > 0 )); then GPU_ARGS=(--gpus-per-node="$GPUS_PER_NODE"); fi
+
+# 2. Server roles (their own nodes), in the background.
+server_pids=()
+if (( N_STUDENT > 0 )); then
+  for role in student teacher; do
+    if [[ $role == student ]]; then nodes=$STUDENT_NODES n=$N_STUDENT; else nodes=$TEACHER_NODES n=$N_TEACHER; fi
+    run srun --job-name="$role" --nodes="$n" --ntasks="$n" --ntasks-per-node=1 --nodelist="$nodes" "${GPU_ARGS[@]}" \
+      --output="$LOGS/$role.log" --open-mode=append "${SGLANG_C[@]}" \
+      "$SERVER_PYTHON" -m megatron_topd.launch.serve --role "$role" --config "$CONFIG" "$@" &
+    server_pids+=($!)
+  done
+fi
+
+# 3. The trainer: one task per rank; SIGUSR1 to this script reaches its tasks through srun.
+run srun --job-name=trainer --nodes="$N_TRAINER" --ntasks=$((N_TRAINER * TASKS_PER_NODE)) \
+  --ntasks-per-node="$TASKS_PER_NODE" --nodelist="$TRAINER_NODES" \
+  "${GPU_ARGS[@]}" --kill-on-bad-exit=1 --label --output="$LOGS/trainer.log" --open-mode=append "${TRAINER_C[@]}" \
+  --export=ALL,MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT" \
+  "$TRAINER_PYTHON" -m megatron_topd.launch.trainer --config "$CONFIG" "$@" &
+trainer=$!
+trap 'echo "[job] SIGUSR1: the trainer stops after its current step"; kill -USR1 "$trainer" 2>/dev/null || true' USR1
+
+set +e
+while :; do
+  wait "$trainer"; rc=$?
+  kill -0 "$trainer" 2>/dev/null || break   # still running: the wait was cut short by the trap
+done
+set -e
+echo "[job] trainer exited with $rc"
+[[ $DRYRUN == 1 ]] && exit 0
+
+# 4. Servers stop on the trainer's exit file (written here too, in case the trainer died without writing it).
+printf '{"code": %d, "attempt": "%s"}\n' "$rc" "$attempt" > "$ENDPOINTS/.trainer.exit.tmp"
+mv "$ENDPOINTS/.trainer.exit.tmp" "$ENDPOINTS/trainer.exit"
+for _ in $(seq 1 60); do
+  alive=0
+  for pid in "${server_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+  (( alive )) || break
+  sleep 1
+done
+for pid in "${server_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+wait || true
+
+# 5. Stopped on request after a checkpoint: requeue (the next attempt resumes from it).
+if (( rc == 75 )); then
+  echo "[job] requeueing $SLURM_JOB_ID (restart count ${SLURM_RESTART_COUNT:-0})"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$rc"
