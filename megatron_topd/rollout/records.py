@@ -119,3 +119,21 @@ def read_records(path: str | os.PathLike, *, vocab_size: int | None = None) -> l
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}:{lineno}: {e}") from None
     return out
+
+
+def discard_after(directory: str | os.PathLike, completed_steps: int) -> list[str]:
+    """Remove the per-step record files `step_XXXXXXXX.jsonl` of steps >= `completed_steps` (0-based file index).
+
+    A run resumed from the checkpoint after `completed_steps` steps generates those steps again; their files from the
+    interrupted attempt would otherwise get a second set of records appended. Returns the removed file names.
+    """
+    removed = []
+    for path in sorted(Path(directory).glob("step_*.jsonl")):
+        try:
+            index = int(path.stem.split("_", 1)[1])
+        except ValueError:
+            continue
+        if index >= completed_steps:
+            path.unlink()
+            removed.append(path.name)
+    return removed

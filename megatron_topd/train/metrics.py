@@ -3,6 +3,7 @@ plot of the paper's diagnostics at the end. Only rank 0 writes."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 PLOTTED = ("loss", "opd_loss", "traj_loss", "mean_token_kl", "low_divergence_share", "mean_ot_distance")
@@ -19,6 +20,7 @@ class MetricsLogger:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         from torch.utils.tensorboard import SummaryWriter
 
+        resume_run_dir(self.out, start_step)
         self.writer = SummaryWriter(str(self.out / "tensorboard"))
         self.jsonl = open(self.out / "metrics.jsonl", "a")
         self.progress = Progress(TextColumn("TOPD"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -31,7 +33,9 @@ class MetricsLogger:
 
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, config=dataclasses.asdict(config) if config else None)
+            # One W&B run per output directory: a resumed (requeued) job continues it instead of starting another.
+            self.wandb = wandb.init(project=wandb_project, id=wandb_run_id(self.out), resume="allow",
+                                    config=dataclasses.asdict(config) if config else None)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -61,6 +65,35 @@ class MetricsLogger:
             self.wandb.finish()
         if self.rows:
             plot_metrics(self.rows, self.out / "metrics.png")
+
+
+def resume_run_dir(out: Path, start_step: int) -> None:
+    """Make the run directory match the checkpoint the run starts from (`start_step` steps done).
+
+    Steps after the checkpoint are about to run again: their metrics.jsonl lines and rollout record files, written by
+    an attempt that was stopped before its next checkpoint, go, so a resumed run ends with exactly the lines and files
+    of an uninterrupted one.
+    """
+    from megatron_topd.rollout.records import discard_after
+
+    path = out / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= start_step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    discard_after(out / "rollouts", start_step)
+
+
+def wandb_run_id(out: Path) -> str:
+    """The W&B run id of this output directory (created once, kept in `wandb_run_id.txt`)."""
+    path = out / "wandb_run_id.txt"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:16])
+    return path.read_text().strip()
 
 
 def plot_metrics(rows: list[dict], path: Path) -> None:
