@@ -22,8 +22,11 @@ def vocab_parallel_rows(
     group=None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    dtype: torch.dtype | None = torch.float32,
 ) -> torch.Tensor:
-    """Float32 rows ``[*ids.shape, hidden]`` of the full table for ``ids``; every rank of ``group`` must call it.
+    """Rows ``[*ids.shape, hidden]`` of the full table for ``ids`` (float32, or the table's own dtype with
+    ``dtype=None``: the all-reduce adds only zeros to each row, so it is exact in any dtype); every rank of ``group``
+    must call it.
 
     ``group=None`` means the table is whole on this rank (no TP). ``vocab_start`` defaults to Megatron's even split
     (``tp_rank * local_rows``); ``vocab_size`` (the padded vocabulary) defaults to ``local_rows * tp_size``.
@@ -46,9 +49,12 @@ def vocab_parallel_rows(
     unique, inverse = torch.unique(flat, return_inverse=True)
     with torch.no_grad():
         owned = (unique >= start) & (unique < start + local_rows)
-        local = (unique - start).clamp(0, max(local_rows - 1, 0))
-        rows = local_table.detach()[local].float()
-        rows[~owned] = 0.0
+        out_dtype = local_table.dtype if dtype is None else dtype
+        if bool(owned.all()):
+            rows = local_table.detach()[unique - start].to(out_dtype)
+        else:  # copy only the rows this rank owns (1/TP of them), zeros elsewhere
+            rows = torch.zeros(unique.numel(), local_table.shape[1], dtype=out_dtype, device=local_table.device)
+            rows[owned] = local_table.detach()[unique[owned] - start].to(out_dtype)
         if group is not None and tp > 1:
             dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
     if unique.numel() == flat.numel() and torch.equal(unique, flat):
@@ -62,12 +68,16 @@ def embedding_lookup(
     group=None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Bind a (local shard of an) embedding table: ``embed(ids) -> rows``, the form `probe.run_probe` takes.
+
+    Rows keep the table's dtype by default (``dtype=None``): `divergence` upcasts them chunk by chunk, so a bf16 table's
+    rows cross the TP group at half the bytes and are never copied whole in float32 (same values either way).
 
     For a Megatron model pass ``model.embedding.word_embeddings.weight`` with ``vocab_start_index`` of that module
     and ``group=parallel.tensor_parallel_group()``.
     """
     return lambda ids: vocab_parallel_rows(
-        ids, local_table, group=group, vocab_start=vocab_start, vocab_size=vocab_size
+        ids, local_table, group=group, vocab_start=vocab_start, vocab_size=vocab_size, dtype=dtype
     )

@@ -1,6 +1,9 @@
 """Step 5's distance: exact optimal transport (earth mover's distance) between two sets of embedding rows.
 
-The solver is POT's network simplex (`ot.emd`); this module only builds the cost ``1 - cos`` and the marginals.
+Solvers (`solve_emd`): for two windows of equal length with uniform weights the exact EMD is the optimal assignment's
+cost / n (the uniform transport polytope's vertices are permutation matrices, Birkhoff), solved by scipy's
+`linear_sum_assignment` (about 4x faster than the simplex at 50 x 50); everything else goes to POT's network simplex
+(`ot.emd`). This module only builds the cost ``1 - cos`` and the marginals.
 Here costs are computed in float64 and entries within rounding of zero are set to exactly 0, so two identical sets
 have distance exactly 0 - suppression ties at 0 then stay ties (see `weights`). Windows of token ids take the faster
 path in `divergence` (float32 cosines, exact 0 for equal ids) and share `emd`.
@@ -12,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import ot as pot
 import torch
+from scipy.optimize import linear_sum_assignment
 
 COSTS = ("cosine",)
 _ZERO_SNAP = 1e-12
@@ -77,7 +81,10 @@ def ot_distances(
         m = _cosine_cost(x, y)
         a = _marginal(f"x_weights[{i}]", x_weights[i], m.shape[0])
         b = _marginal(f"y_weights[{i}]", y_weights[i], m.shape[1])
-        distances[i], plan = emd(m, a, b, name=f"pair {i}")
+        if x_weights[i] is None and y_weights[i] is None:
+            distances[i], plan = solve_emd(m, with_plan=with_plans, name=f"pair {i}")
+        else:
+            distances[i], plan = emd(m, a, b, name=f"pair {i}")
         if with_plans:
             plans.append(plan)
             costs.append(m)
@@ -93,6 +100,24 @@ def emd(cost: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = No
     if log["result_code"] != 1:
         raise RuntimeError(f"{name}: the EMD solver did not reach the optimum ({log['warning']})")
     return max(0.0, float(log["cost"])), plan
+
+
+def solve_emd(cost: np.ndarray, *, with_plan: bool = False, name: str = "pair") -> tuple[float, np.ndarray | None]:
+    """Exact EMD with uniform marginals for a float64 cost ``[n, m]``: ``(distance, plan or None)``.
+
+    ``n == m``: assignment cost / n (plan: the permutation / n); else POT's `emd`. An all-zero-cost optimum (identical
+    windows) gives exactly 0.0 on both paths."""
+    n, m = cost.shape
+    if n != m:
+        d, plan = emd(cost, name=name)
+        return d, plan if with_plan else None
+    r, c = linear_sum_assignment(cost)
+    d = max(0.0, float(cost[r, c].sum()) / n)
+    if not with_plan:
+        return d, None
+    plan = np.zeros((n, n))
+    plan[r, c] = 1.0 / n
+    return d, plan
 
 
 def _cosine_cost(x_unit: torch.Tensor, y_unit: torch.Tensor) -> np.ndarray:

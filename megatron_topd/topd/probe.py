@@ -3,11 +3,14 @@
 The trainer calls `run_probe` after scoring a rollout batch (``l_t`` known), then runs the teacher and student
 forward on ``result.guidance`` (variant ``topd``) and hands everything to `loss.topd_loss`.
 With ``group`` (the TP group), only the group's first rank talks to the samplers and broadcasts the windows, so
-every TP rank holds identical windows; all ranks must call (the embedding lookup all-reduces).
+every TP rank holds identical windows; all ranks must call (the embedding lookup all-reduces). The teacher's and the
+student's window requests go out at once (two threads; each client spreads its requests over all its servers), and
+the OT solves are split over the group's ranks (`divergence.window_divergence`, docs/throughput.md).
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +74,8 @@ def run_probe(
     teacher_w, student_w = _sample_windows(requests, cfg, teacher, student, seed, group)
     t1 = time.perf_counter()
     div = window_divergence(
-        teacher_w, student_w, embed, with_transport=cfg.variant == "topd" and cfg.position_weighting == "ot_plan"
+        teacher_w, student_w, embed, with_transport=cfg.variant == "topd" and cfg.position_weighting == "ot_plan",
+        group=group,
     )
     timings = {"window_s": t1 - t0, "ot_s": time.perf_counter() - t1}
     weights, divergent = divergence_weights(
@@ -108,10 +112,14 @@ def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group):
             raise ValueError("run_probe needs teacher and student samplers on the group's first rank")
         kwargs = dict(max_new_tokens=cfg.window, n=cfg.samples_per_side, temperature=cfg.sampling_temperature,
                       top_p=cfg.probe_top_p)
-        payload = [
-            teacher.continue_prefixes(requests.prefixes, seed=seed, **kwargs),
-            student.continue_prefixes(requests.prefixes, seed=None if seed is None else seed + 1, **kwargs),
-        ]
+        # Both sides at once: the teacher's and the student's servers generate concurrently (each call runs its own
+        # event loop in its own thread; the two clients share no state).
+        # One sampler object on both sides (a client's pool is per event loop) is called one side at a time.
+        with ThreadPoolExecutor(max_workers=1 if teacher is student else 2, thread_name_prefix="probe-windows") as pool:
+            t_job = pool.submit(teacher.continue_prefixes, requests.prefixes, seed=seed, **kwargs)
+            s_job = pool.submit(student.continue_prefixes, requests.prefixes,
+                                seed=None if seed is None else seed + 1, **kwargs)
+            payload = [t_job.result(), s_job.result()]
         for who, w in zip(("teacher", "student"), payload):
             check_continuations(w, len(requests), cfg.samples_per_side, cfg.window, who)
     if group is not None and dist.get_world_size(group) > 1:
