@@ -1,0 +1,49 @@
+"""train.async_rollouts=true: the whole loop at TP=2 against real SGLang servers, with the TIS correction on.
+Step k trains on samples generated with the weights of after step k-2 (version k-1, the initial weights for k <= 1),
+never a mix of versions; the metrics log staleness and the wait for the prefetch."""
+import json
+import math
+
+import pytest
+
+from megatron_topd.parallel.spawn import run_on_ranks
+from tests.integration.conftest import sglang_python
+from tests.integration.test_loop_topd import run_training
+
+
+@pytest.mark.slow
+@pytest.mark.sglang
+def test_async_rollouts_are_one_step_off_policy_with_recorded_versions(tmp_path):
+    from megatron_topd.demo import build_assets
+
+    assets = build_assets(tmp_path / "assets")
+    out = tmp_path / "run"
+    overrides = [
+        f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
+        f"teacher.checkpoint={assets['teacher_ckpt']}", f"teacher.hf_path={assets['teacher_hf']}",
+        f"rollout.model_path={assets['student_hf']}", f"train.prompts_path={assets['prompts']}",
+        f"train.output_dir={out}", f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
+        "train.prompts_per_step=2", "rollout.n_samples=2", "rollout.max_new_tokens=16", "topd.window=6",
+        "train.save_interval=10", "train.steps=3", "train.async_rollouts=true", "train.rollout_is_correction=true",
+        "train.rollout_is_cap=2.0",
+    ]
+    ranks = run_on_ranks(run_training, 2, overrides, timeout=1500)
+    reduced = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s") and k != "sync_mb"} for r in rows]  # noqa: E731
+    assert reduced(ranks[0]) == reduced(ranks[1])
+    rows = ranks[0]
+    versions = []
+    for step in range(3):
+        records = [json.loads(x) for x in (out / "rollouts" / f"step_{step:08d}.jsonl").read_text().splitlines()]
+        versions.append({r["weight_version"] for r in records})
+        assert len(records) == 4
+    assert all(len(v) == 1 for v in versions), f"a batch mixed weight versions: {versions}"
+    initial = versions[0]
+    assert not next(iter(initial)).isdigit()  # SGLang's version before any sync
+    assert versions[1] == initial  # prefetched during step 0: the initial weights (version 0)
+    assert versions[2] == {"1"}  # prefetched during step 1: the weights pushed after step 0
+    assert [r["rollout_staleness"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["rollout_weight_version"] for r in rows] == [-1.0, -1.0, 1.0]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and 0 < r["loss"] < 50 and r["grad_norm"] > 0
+        assert r["rollout_wait_s"] >= 0 and r["candidates"] > 0
+    assert (out / "checkpoints" / "latest_step.txt").read_text() == "3"
