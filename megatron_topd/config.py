@@ -6,6 +6,7 @@ Every section validates itself with errors that name the field and the fix; `loa
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from megatron_topd.launch.config import LaunchConfig
 from megatron_topd.models.precision import PrecisionConfig
 from megatron_topd.models.spec import ModelSpec
 from megatron_topd.rollout.config import RolloutConfig
 from megatron_topd.topd.config import TopdConfig
+from megatron_topd.train.estimators import KL_ESTIMATORS
 from megatron_topd.train.optim import OptimConfig
 
 
@@ -49,16 +52,23 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_parallel < 2:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_parallel >= 2 (it shards "
                              "activations over the tensor-parallel ranks); set it false at TP=1")
-        if self.context_parallel > 1:
-            from megatron_topd.models.build import use_transformer_engine
-
-            if not use_transformer_engine():
-                raise ValueError(f"parallel.context_parallel={self.context_parallel} needs Transformer Engine "
-                                 "attention on a GPU (Megatron's local attention has no context parallelism); "
-                                 "set parallel.context_parallel=1 on this machine")
         if not self.timeout_minutes > 0:
             raise ValueError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0; it should exceed the "
                              "longest generation phase, since ranks wait in a collective meanwhile")
+
+    def check_machine(self) -> None:
+        """Knobs this machine cannot run, as clear errors (called where the trainer starts, not on a login node)."""
+        from megatron_topd.models.build import use_transformer_engine
+
+        if self.sequence_parallel and not use_transformer_engine():
+            raise ValueError("parallel.sequence_parallel=true needs Transformer Engine layers on a GPU (Megatron's "
+                             "local torch norm refuses sequence parallelism); set it false on this machine")
+        if self.context_parallel > 1 and not use_transformer_engine():
+            raise ValueError(f"parallel.context_parallel={self.context_parallel} needs Transformer Engine attention "
+                             "on a GPU (Megatron's local attention has no context parallelism); set it to 1 here")
+        if self.context_parallel > 1:
+            raise ValueError(f"parallel.context_parallel={self.context_parallel}: the distillation loss does not yet "
+                             "slice its per-token inputs by context-parallel rank; use sequence_parallel + recompute")
 
     def model_overrides(self) -> dict:
         """The TransformerConfig fields these knobs set (passed to `build_gpt_model`)."""
@@ -78,18 +88,35 @@ class ParallelConfig:
 
 @dataclass
 class TeacherConfig:
-    """The teacher: co-located in the trainer (exact full-vocab KL, the default) or remote (top-k KL)."""
+    """The teacher: co-located in the trainer (exact full-vocab KL, the default) or remote on SGLang servers
+    (top-k or sampled-token KL; the trainer then builds no teacher model). docs/remote_teacher.md."""
 
     placement: str = "colocated"  # colocated | remote
-    checkpoint: str = ""  # Megatron checkpoint folder (tools/convert_hf_to_megatron.py output)
+    kl: str = "full"  # full (co-located only, exact) | topk (top-k + tail bucket) | sampled (per-token estimator)
+    checkpoint: str = ""  # Megatron checkpoint folder (tools/convert_hf_to_megatron.py output); co-located only
     hf_path: str = ""  # HF folder the teacher's SGLang server loads (near-future windows, remote scoring)
-    top_k: int = 64  # remote placement: top-k log-probs per position
+    top_k: int = 64  # topk: top-k log-probs per position (also the guidance windows' top-k under topk / sampled)
+    precision: PrecisionConfig | None = None  # co-located: its own precision; null = the student's dtype, no FP8
+    urls: list[str] = field(default_factory=list)  # running teacher SGLang servers; when set rank 0 launches none
 
     def validate(self) -> None:
         if self.placement not in ("colocated", "remote"):
             raise ValueError(f"teacher.placement={self.placement!r}: use colocated or remote")
         if self.top_k < 1:
             raise ValueError(f"teacher.top_k={self.top_k} must be >= 1")
+        if self.kl not in KL_ESTIMATORS:
+            raise ValueError(f"teacher.kl={self.kl!r}: use one of {', '.join(KL_ESTIMATORS)}")
+        if self.placement == "remote" and self.kl == "full":
+            raise ValueError("teacher.kl=full needs the teacher's full logits, i.e. teacher.placement=colocated; "
+                             "with a remote teacher use teacher.kl=topk or sampled")
+        if self.placement == "colocated" and self.kl != "full":
+            raise ValueError(f"teacher.kl={self.kl} is for a remote teacher: a co-located one gives the exact KL "
+                             "(teacher.kl=full)")
+        if self.precision is not None:
+            self.precision.validate()
+        for i, url in enumerate(self.urls):
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError(f"teacher.urls[{i}]={url!r}: use a full URL such as http://node07:30000")
 
 
 NONFINITE = ("skip", "stop")
@@ -111,6 +138,11 @@ class TrainConfig:
     save_interval: int = 50
     loss_chunk_size: int | None = 1024  # tokens per chunk in the vocabulary-parallel loss
     wandb_project: str | None = None
+    # Throughput (docs/throughput.md): sample step k+1's rollouts while step k trains (one step off-policy), and
+    # optionally correct the OPD term per token by min(pi_trainer / pi_rollout, cap) (truncated importance sampling).
+    async_rollouts: bool = False
+    rollout_is_correction: bool = False
+    rollout_is_cap: float = 2.0
 
     def validate(self) -> None:
         for name in ("steps", "prompts_per_step", "max_seq_length", "max_tokens_per_microbatch",
@@ -124,6 +156,13 @@ class TrainConfig:
                              f"{self.max_seq_length}: a full-length row must fit one microbatch; raise the budget")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"train.loss_chunk_size={self.loss_chunk_size} must be >= 1 (or null: automatic)")
+        for name in ("async_rollouts", "rollout_is_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must be true or false")
+        cap = self.rollout_is_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 1.0:
+            raise ValueError(f"train.rollout_is_cap={cap!r} must be a finite number >= 1 (the largest per-token "
+                             "importance weight pi_trainer / pi_rollout; 1 = never up-weight a token)")
 
 
 @dataclass
@@ -137,12 +176,16 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     topd: TopdConfig = field(default_factory=TopdConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # Slurm role split (megatron_topd/launch/)
 
     def validate(self) -> "Config":
         if not self.rollout.model_path and not self.rollout.urls:  # the student's servers start from its HF folder
             self.rollout.model_path = self.train.student_hf_path
-        for section in (self.parallel, self.precision, self.optim, self.train, self.teacher, self.topd):
+        for section in (self.parallel, self.precision, self.optim, self.train, self.teacher, self.topd, self.launch):
             section.validate()
+        if self.teacher.placement == "remote" and self.topd.embedding_source == "teacher":
+            raise ValueError("topd.embedding_source=teacher needs the teacher's embedding table in the trainer "
+                             "(teacher.placement=colocated); with a remote teacher use embedding_source=student")
         # The paths are empty until the demo or the launcher fills them in: check everything else already.
         self.rollout.validate(require_model=bool(self.train.student_hf_path))
         # Rows: prompt + response; guidance rows: prefix (< the rollout) + window. Prompts longer than what is left

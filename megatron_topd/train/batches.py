@@ -56,6 +56,7 @@ class RolloutRows:
     prompts: list[list[int]]
     responses: list[list[int]]
     logprobs: list[list[float]] = field(default_factory=list)  # the rollout policy's log-probs of the responses
+    teacher: list[dict] | None = None  # a remote teacher's per-response-token scores (train/teacher.RemoteTeacher)
 
     def __post_init__(self):
         if any(len(r) == 0 for r in self.responses):
@@ -103,32 +104,47 @@ def rollout_microbatches(rows: RolloutRows, max_tokens: int, pad_id: int, *, mul
             weights[j, : len(p) + len(r)] = w.float()
             if rows.logprobs:
                 logprobs[j, len(p) : len(p) + len(r)] = torch.tensor(rows.logprobs[i], dtype=torch.float32)
+        extra = {}
+        if rows.teacher is not None:
+            from megatron_topd.train.teacher import teacher_fields
+
+            k = rows.teacher[0]["topk_ids"].shape[-1] if "topk_ids" in rows.teacher[0] else 0
+            extra = teacher_fields(rows.teacher, idx, [len(rows.prompts[i]) for i in idx], width, k)
         out.append(_microbatch("rollout", tokens, response_mask=mask, token_weights=weights,
                                rollout_logprobs=logprobs, row_index=torch.tensor(idx, dtype=torch.long),
-                               real_tokens=sum(lengths[i] for i in idx)))
+                               real_tokens=sum(lengths[i] for i in idx), **extra))
     return out
 
 
 def guidance_microbatches(tokens: torch.Tensor, lengths: torch.Tensor, logit_weights: torch.Tensor, max_tokens: int,
-                          pad_id: int, *, multiple: int = 8) -> list[dict]:
+                          pad_id: int, *, multiple: int = 8, teacher: list[dict] | None = None,
+                          window_start: torch.Tensor | None = None) -> list[dict]:
     """Microbatches of guidance rows (prefix + teacher window, ``lengths`` real tokens each).
 
     ``logit_weights [N, L]`` (logit-aligned, each row sums to 1) becomes ``loss_index`` (flat positions with a weight,
     into the microbatch's ``[rows * width]`` logits) and ``loss_weights``: the KL runs on K positions per row.
+    ``teacher`` (a remote teacher's top-k at every window position, per row) with ``window_start`` adds
+    ``teacher_topk_ids`` / ``teacher_topk_logprobs`` [weighted positions, k] in ``loss_index`` order.
     """
     lens = [int(x) for x in lengths]
     out = []
     for idx in pack_rows(lens, max_tokens, multiple):
         width = round_up(max(lens[i] for i in idx), multiple)
         mb_tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        flat_index, flat_weights = [], []
+        flat_index, flat_weights, top_ids, top_lps = [], [], [], []
         for j, i in enumerate(idx):
             mb_tokens[j, : lens[i]] = tokens[i, : lens[i]]
             pos = torch.nonzero(logit_weights[i, : lens[i]] > 0).flatten()
             flat_index.append(pos + j * width)
             flat_weights.append(logit_weights[i, pos].float())
+            if teacher is not None:
+                at = pos - (int(window_start[i]) - 1)  # logit position -> index into the window's scores
+                top_ids.append(teacher[i]["topk_ids"][at])
+                top_lps.append(teacher[i]["topk_logprobs"][at])
+        extra = {} if teacher is None else {"teacher_topk_ids": torch.cat(top_ids),
+                                            "teacher_topk_logprobs": torch.cat(top_lps)}
         out.append(_microbatch("guidance", mb_tokens, loss_index=torch.cat(flat_index),
-                               loss_weights=torch.cat(flat_weights), real_tokens=sum(lens[i] for i in idx)))
+                               loss_weights=torch.cat(flat_weights), real_tokens=sum(lens[i] for i in idx), **extra))
     return out
 
 

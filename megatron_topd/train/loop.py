@@ -35,7 +35,7 @@ from megatron_topd.train.objective import ObjectiveScales
 from megatron_topd.train import preemption
 from megatron_topd.train.optim import build_optimizer, wrap_ddp
 from megatron_topd.train.scoring import score_rollouts
-from megatron_topd.train.teacher import ColocatedTeacher
+from megatron_topd.train.teacher import ColocatedTeacher, RemoteTeacher
 
 
 def _spec(explicit: ModelSpec | None, checkpoint: str, who: str) -> ModelSpec:
@@ -91,6 +91,8 @@ class StepBatch:
     finish_reasons: list[str]
     weight_versions: list[str]
     dataset_state: dict
+    teacher: list[dict] | None = None  # a remote teacher's scores per row (RemoteTeacher.score_rollouts)
+    staleness: float = 0.0  # trainer step - oldest weight version of the samples (async rollouts: 1)
 
 
 def train(cfg: Config) -> list[dict]:
@@ -99,8 +101,7 @@ def train(cfg: Config) -> list[dict]:
     from megatron_topd.rollout.weight_sync import make_weight_sync
 
     cfg.validate()
-    if cfg.teacher.placement != "colocated":
-        raise NotImplementedError("teacher.placement=remote is not wired into the training loop yet: use colocated")
+    cfg.parallel.check_machine()
     layout = parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                  backend=cfg.parallel.backend, seed=cfg.train.seed,
                                  timeout_s=cfg.parallel.timeout_minutes * 60,
@@ -113,6 +114,7 @@ def train(cfg: Config) -> list[dict]:
         save_config(cfg, out / "config.yaml")
 
     student_spec, student, optimizer, scheduler, teacher = build_models(cfg)
+    planned_gb = planned_peak_gb(cfg, student_spec, layout)
     vocab = student_spec.vocab_size
     tokenizer, pad_id = load_tokenizer(cfg)
     dataset = prompt_dataset(cfg, tokenizer)
@@ -121,17 +123,23 @@ def train(cfg: Config) -> list[dict]:
     rollouts = Rollouts(cfg) if rank0 else None
     try:
         student_client, teacher_client, student_urls = connect_servers(cfg, rollouts, vocab)
+        teacher = teacher or remote_teacher(cfg, teacher_client, tokenizer, vocab)
         weight_sync = make_weight_sync(replace(cfg.rollout, model_path=cfg.train.student_hf_path), student_urls)
         if start_step > 0:  # servers start from the initial HF weights: bring them to the resumed student
             weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(start_step))
         logger = MetricsLogger(out, enabled=rank0, total_steps=cfg.train.steps, start_step=start_step,
                                wandb_project=cfg.train.wandb_project, config=cfg)
+        from megatron_topd.rollout.async_rollouts import make_rollout_source
+
+        rollout_source = make_rollout_source(cfg, dataset, student_client, out, vocab, rank0)  # train.async_rollouts
         history = []
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
 
-            batch = generate_rollouts(cfg, step, dataset, student_client, out, vocab, rank0)       # 1. rollouts
+            batch = generate_rollouts(rollout_source, step)                                        # 1. rollouts
+            batch.teacher = _broadcast(teacher.score_rollouts(batch.prompt_ids, batch.response_ids)  # (remote teacher)
+                                       if rank0 else None)
             timings["generation_s"] = time.perf_counter() - t0
             rows = replica_rows(batch, layout)                                                    # 2. DP share
             t = time.perf_counter()
@@ -143,6 +151,7 @@ def train(cfg: Config) -> list[dict]:
             result, pass_stats = train_on_replica(cfg, student, optimizer, scheduler, teacher, rows, probe,  # 7.
                                                   pad_id, vocab, layout)
             timings["train_s"] = time.perf_counter() - t
+            timings["rollout_wait_s"] = rollout_source.settle()  # async: the prefetch ends on the old weights
             t = time.perf_counter()
             sync_stats = None                                                                     # 8. weight sync
             if not result.skipped:  # a skipped step changed no weight: the servers already hold them
@@ -150,6 +159,7 @@ def train(cfg: Config) -> list[dict]:
             timings["sync_s"] = time.perf_counter() - t
 
             metrics = step_metrics(result, pass_stats, batch, probe, timings, time.perf_counter() - t0)  # 9.
+            metrics["planned_peak_gb"] = planned_gb
             if sync_stats is not None:
                 metrics["sync_mb"] = sync_stats.num_bytes / 2**20
             history.append(metrics)
@@ -173,28 +183,67 @@ def train(cfg: Config) -> list[dict]:
 
 # ---- set-up -----------------------------------------------------------------------------------------------------
 def build_models(cfg: Config):
-    """The student (DDP + optimizer) and the co-located teacher (frozen, same TP/PP layout, forward-only)."""
+    """The student (DDP + optimizer) and the co-located teacher (frozen, same TP/PP layout, forward-only, its own
+    precision); with a remote teacher no teacher model is built (the teacher is None until its servers are known)."""
     student_spec = _spec(cfg.student, cfg.train.student_checkpoint, "student")
-    teacher_spec = _spec(cfg.teacher_spec, cfg.teacher.checkpoint, "teacher")
-    if student_spec.vocab_size != teacher_spec.vocab_size:
-        raise ValueError(f"student vocab_size {student_spec.vocab_size} != teacher vocab_size {teacher_spec.vocab_size}: "
-                         "on-policy distillation scores the student's tokens with the teacher, so both need one tokenizer")
     overrides = cfg.parallel.model_overrides()
     student = [wrap_ddp(build_gpt_model(student_spec, precision=cfg.precision, **overrides),
                         use_distributed_optimizer=cfg.optim.use_distributed_optimizer)]
     optimizer, scheduler = build_optimizer(student, cfg.optim, params_dtype=cfg.precision.torch_dtype,
                                            total_steps=cfg.train.steps)
+    if cfg.teacher.placement == "remote":
+        return student_spec, student, optimizer, scheduler, None
+    teacher_spec = _spec(cfg.teacher_spec, cfg.teacher.checkpoint, "teacher")
+    if student_spec.vocab_size != teacher_spec.vocab_size:
+        raise ValueError(f"student vocab_size {student_spec.vocab_size} != teacher vocab_size {teacher_spec.vocab_size}: "
+                         "on-policy distillation scores the student's tokens with the teacher, so both need one tokenizer")
     teacher_overrides = {k: v for k, v in overrides.items() if not k.startswith("recompute")}  # no backward: no recompute
-    teacher_model = build_gpt_model(teacher_spec, precision=cfg.precision, **teacher_overrides)
+    precision = cfg.teacher.precision or replace(cfg.precision, fp8=None)  # FP8 only when asked for explicitly
+    teacher_model = build_gpt_model(teacher_spec, precision=precision, **teacher_overrides)
     load_model_weights(Path(cfg.teacher.checkpoint) / _ckpt_step_dir(cfg.teacher.checkpoint), [teacher_model])
     return student_spec, student, optimizer, scheduler, ColocatedTeacher([teacher_model])
+
+
+def planned_peak_gb(cfg: Config, student_spec: ModelSpec, layout) -> float:
+    """The planner's allocated-memory prediction for this rank's pipeline stage (megatron_topd.plan), logged each step
+    beside the measured peak so a drifting memory model shows up in the run's own metrics."""
+    from megatron_topd.plan import predict_memory
+
+    teacher_spec = None if cfg.teacher.placement == "remote" else _spec(cfg.teacher_spec, cfg.teacher.checkpoint, "teacher")
+    total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 2**40
+    plan = predict_memory(cfg, student_spec, teacher_spec, gpu_mem_gb=total / 1e9, data_parallel=layout.data_parallel)
+    return plan.stages[layout.pp_rank].allocated / 2**30
+
+
+def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
+    """The remote teacher behind `teacher.urls` (or the server rank 0 launched), after checking it speaks the
+    student's vocabulary: a teacher with another tokenizer would score different strings."""
+    from megatron_topd.rollout.weight_sync.admin import call
+
+    if cfg.teacher.kl == "topk" and cfg.teacher.top_k > vocab:
+        raise ValueError(f"teacher.top_k={cfg.teacher.top_k} > the vocabulary ({vocab} tokens): use at most {vocab}")
+    if dist.get_rank() == 0:
+        for url in client.urls:
+            try:
+                info = call(url, "/model_info", method="GET", timeout_s=cfg.rollout.connect_timeout_s + 20)
+            except Exception as exc:
+                raise ConnectionError(f"remote teacher {url} did not answer /model_info: {exc}; check teacher.urls "
+                                      "and that the server is up") from None
+            path = Path(str(info.get("tokenizer_path") or ""))
+            if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+                from transformers import AutoTokenizer
+
+                if AutoTokenizer.from_pretrained(str(path)).get_vocab() != tokenizer.get_vocab():
+                    raise ValueError(f"the remote teacher at {url} serves the tokenizer of {path}, which differs from "
+                                     f"the student's ({cfg.train.student_hf_path}): distil within one tokenizer family")
+    return RemoteTeacher(client, kl=cfg.teacher.kl, top_k=cfg.teacher.top_k)
 
 
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.train.student_hf_path)
-    if AutoTokenizer.from_pretrained(cfg.teacher.hf_path).get_vocab() != tokenizer.get_vocab():
+    if cfg.teacher.hf_path and AutoTokenizer.from_pretrained(cfg.teacher.hf_path).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the teacher's tokenizer ({cfg.teacher.hf_path}) differs from the student's "
                          f"({cfg.train.student_hf_path}): token ids would mean different strings; distil between "
                          "models of one tokenizer family")
@@ -238,27 +287,10 @@ def connect_servers(cfg: Config, rollouts: "Rollouts | None", vocab: int):
 
 
 # ---- the phases of a step ---------------------------------------------------------------------------------------
-def generate_rollouts(cfg: Config, step: int, dataset, client, out: Path, vocab: int, rank0: bool) -> StepBatch:
-    """Rank 0 samples `prompts_per_step x n_samples` responses from the student's servers and shares them."""
-    from megatron_topd.rollout import SamplingParams
-    from megatron_topd.rollout.records import records_from_generations, write_records
-
-    payload = None
-    if rank0:
-        prompts = dataset.next_batch(cfg.train.prompts_per_step)
-        seed = cfg.rollout.seed if cfg.rollout.seed is not None else cfg.train.seed
-        gens = client.generate(
-            [p.ids for p in prompts],
-            SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n_samples,
-                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                           seed=seed * 100003 + step),
-        )
-        records = records_from_generations([p.index for p in prompts], [p.ids for p in prompts], gens)
-        write_records(out / "rollouts" / f"step_{step:08d}.jsonl", records, vocab_size=vocab)
-        payload = StepBatch([r.prompt_ids for r in records], [r.response_ids for r in records],
-                            [r.response_logprobs for r in records], [r.finish_reason for r in records],
-                            [r.weight_version for r in records], dataset.state_dict())
-    return _broadcast(payload)
+def generate_rollouts(source, step: int) -> StepBatch:
+    """Step `step`'s `prompts_per_step x n_samples` responses on every rank, from the rollout source
+    (rollout/async_rollouts.py): sampled now by rank 0 (sync), or prefetched while the previous step trained (async)."""
+    return source.next(step)
 
 
 def replica_rows(batch: StepBatch, layout) -> RolloutRows:
@@ -276,7 +308,8 @@ def replica_rows(batch: StepBatch, layout) -> RolloutRows:
         raise ValueError(f"{len(lengths)} rollouts leave data-parallel replica {layout.dp_rank} empty: make "
                          "train.prompts_per_step * rollout.n_samples at least the data-parallel size")
     return RolloutRows([batch.prompt_ids[i] for i in mine], [batch.response_ids[i] for i in mine],
-                       [batch.response_logprobs[i] for i in mine])
+                       [batch.response_logprobs[i] for i in mine],
+                       None if batch.teacher is None else [batch.teacher[i] for i in mine])
 
 
 def _pad_multiple(cfg: Config) -> int:
@@ -338,6 +371,13 @@ def probe_replica(cfg: Config, step: int, rows: RolloutRows, token_loss, student
             pad_id=pad_id, seed=cfg.train.seed * 7919 + step, group=parallel.tensor_parallel_group(),
         )
         payload = _probe_payload(probe)
+        g = payload["guidance"]
+        if g is not None and g["tokens"].shape[0] > 0:  # a remote teacher's top-k along its windows (TP rank 0 asks)
+            scores = [teacher.score_guidance(g["tokens"], g["lengths"], g["window_start"]) if probe_tp_rank0 else None]
+            if layout.tensor_parallel > 1:
+                dist.broadcast_object_list(scores, src=dist.get_global_rank(parallel.tensor_parallel_group(), 0),
+                                           group=parallel.tensor_parallel_group())
+            g["teacher"] = scores[0]
     if cfg.topd.variant != "opd":
         payload = _broadcast(payload, src=ps.get_pipeline_model_parallel_first_rank(),
                              group=ps.get_pipeline_model_parallel_group())
@@ -357,7 +397,8 @@ def train_on_replica(cfg: Config, student, optimizer, scheduler, teacher, rows: 
     if guidance is not None and guidance["tokens"].shape[0] > 0:
         n_windows = guidance["tokens"].shape[0]
         batches += guidance_microbatches(guidance["tokens"], guidance["lengths"], guidance["logit_weights"], budget,
-                                         pad_id, multiple=multiple)
+                                         pad_id, multiple=multiple, teacher=guidance.get("teacher"),
+                                         window_start=guidance["window_start"])
     real, padded = padding_fraction(batches)
     n_tokens = sum(len(r) for r in rows.responses)
     counts = torch.tensor([n_tokens, n_windows, real, padded], dtype=torch.float64, device=parallel.device())
@@ -365,7 +406,8 @@ def train_on_replica(cfg: Config, student, optimizer, scheduler, teacher, rows: 
     n_tokens, n_windows, real, padded = (int(x) for x in counts.cpu().tolist())
     scales = ObjectiveScales(dp_size=layout.data_parallel, global_tokens=n_tokens, global_windows=n_windows,
                              lambda_traj=cfg.topd.lambda_traj if cfg.topd.variant == "topd" else 0.0,
-                             variant=cfg.topd.variant)
+                             variant=cfg.topd.variant,
+                             rollout_is_cap=cfg.train.rollout_is_cap if cfg.train.rollout_is_correction else None)
     result = distill_step(student, optimizer, scheduler, teacher, batches, scales,
                           group_size=cfg.train.teacher_group_microbatches, vocab_size=vocab,
                           chunk_size=cfg.train.loss_chunk_size, on_nonfinite=cfg.train.on_nonfinite)
@@ -392,6 +434,7 @@ def step_metrics(result, pass_stats: dict, batch: StepBatch, probe: dict, timing
         "response_tokens_per_s": pass_stats["response_tokens"] / max(step_s, 1e-9),
         "peak_mem_gb": _peak_memory_gb(),
         "rollout_weight_version": max((float(v) for v in versions if v.isdigit()), default=-1.0),
+        "rollout_staleness": batch.staleness,
     }
 
 
@@ -421,6 +464,7 @@ def _probe_payload(probe) -> dict:
     return {
         "token_weights": probe.token_weights.float().cpu(),
         "guidance": None if g is None else {"tokens": g.tokens.cpu(), "lengths": g.lengths.cpu(),
+                                            "window_start": g.window_start.cpu(),
                                             "logit_weights": g.logit_weights.float().cpu()},
         "n_candidates": int(probe.divergent.numel()),
         "n_divergent": int(probe.divergent.sum()),

@@ -6,8 +6,9 @@ with N_tokens and N_windows counted over the whole data-parallel batch. A schedu
 microbatches divides each returned loss by ``num_in_call``, and DDP averages gradients over DP ranks, so each
 microbatch's sum is scaled by (num_in_call * dp_size / N): the sum over all calls, microbatches and ranks is exactly L.
 
-Rollout microbatches: one fused vocabulary-parallel pass gives l_t, log pi_S(y_t), log pi_T(y_t) and the student's
-entropy; memory is one ``[chunk, V/TP]`` chunk beyond the logits. Guidance microbatches: the forward KL runs only at
+Rollout microbatches: the per-token term of `teacher.kl`'s estimator (train/estimators.py; `full`: one fused
+vocabulary-parallel pass gives l_t, log pi_S(y_t), log pi_T(y_t) and the student's entropy; memory is one
+``[chunk, V/TP]`` chunk beyond the logits). Guidance microbatches: the forward KL runs only at
 the K weighted positions per row (``loss_index``): ``[rows x K, V/TP]`` instead of ``[rows, prefix + K, V/TP]``.
 Metrics are sums (and ``_max`` maxima) so they combine exactly over microbatches, groups and replicas.
 Non-finite logits are not raised here (that would strand the other pipeline stages): they make a non-finite loss,
@@ -30,37 +31,40 @@ class ObjectiveScales:
     global_windows: int  # guidance rows over all DP ranks
     lambda_traj: float
     variant: str
+    rollout_is_cap: float | None = None  # truncated importance sampling of the OPD term (None: off)
 
 
 def make_loss_fn(teachers: list[torch.Tensor] | None, scales: ObjectiveScales, *, num_in_call: int, vocab_size: int,
                  chunk_size):
     """A loss function for one schedule call: consumes the teacher's per-microbatch signal in order."""
     from megatron_topd import parallel
-    from megatron_topd.losses import vocab_parallel_kl, vocab_parallel_opd_scores
+    from megatron_topd.train.estimators import guidance_kl, rollout_terms
 
     group = parallel.tensor_parallel_group()
     it = iter(teachers or [])
     per_rank = num_in_call * scales.dp_size
 
     def loss_fn(logits: torch.Tensor, batch: dict):
-        t_logits = next(it)
+        signal = next(it)
         zero = logits.new_zeros((), dtype=torch.float32)
         metrics = {name: zero for name in METRIC_NAMES}
         if batch["kind"] == "rollout":
-            s = vocab_parallel_opd_scores(logits[:, :-1], t_logits[:, :-1], batch["tokens"][:, 1:], group=group,
-                                          vocab_size=vocab_size, chunk_size=chunk_size, check_finite=False)
+            s = rollout_terms(logits, batch, signal, group=group, vocab_size=vocab_size, chunk_size=chunk_size)
             mask = batch["response_mask"][:, 1:]
-            kl = s.reverse_kl
+            kl = s.token_loss
             weights = torch.ones_like(kl) if scales.variant == "opd" else batch["token_weights"][:, 1:]
-            weighted = torch.where(mask, kl * weights, torch.zeros_like(kl)).sum()
+            if scales.rollout_is_cap is not None:  # train.rollout_is_correction (off-policy rollouts, async mode)
+                weights = weights * tis_ratio(s.student_logprobs, batch["rollout_logprobs"][:, 1:], mask,
+                                              scales.rollout_is_cap)
+            weighted = torch.where(mask, s.loss * weights, torch.zeros_like(kl)).sum()
             loss = weighted * (per_rank / max(scales.global_tokens, 1))
             rollout_lp = batch["rollout_logprobs"][:, 1:]
             has_lp = mask & torch.isfinite(rollout_lp)
-            diff = torch.where(has_lp, (s.student_log_probs.detach() - rollout_lp).abs(), torch.zeros_like(kl))
+            diff = torch.where(has_lp, (s.student_logprobs - rollout_lp).abs(), torch.zeros_like(kl))
             metrics.update(
-                opd_sum=weighted.detach(),
+                opd_sum=torch.where(mask, kl * weights, torch.zeros_like(kl)).sum(),
                 kl_sum=torch.where(mask, kl, torch.zeros_like(kl)).sum().detach(),
-                entropy_sum=torch.where(mask, s.student_entropy, torch.zeros_like(kl)).sum().detach(),
+                entropy_sum=torch.where(mask, s.entropy, torch.zeros_like(kl)).sum(),
                 tokens=mask.sum().float(),
                 logprob_diff_sum=diff.sum(),
                 logprob_diff_count=has_lp.sum().float(),
@@ -69,8 +73,7 @@ def make_loss_fn(teachers: list[torch.Tensor] | None, scales: ObjectiveScales, *
             return loss, metrics
         # guidance rows: forward KL along the teacher's continuation, at the weighted positions only
         flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["loss_index"])
-        kl = vocab_parallel_kl(flat, t_logits, direction="forward", group=group, vocab_size=vocab_size,
-                               chunk_size=chunk_size, check_finite=False)
+        kl = guidance_kl(flat, signal, group=group, vocab_size=vocab_size, chunk_size=chunk_size)
         weighted = (kl * batch["loss_weights"]).sum()
         metrics.update(traj_sum=weighted.detach(), windows=batch["loss_weights"].sum().detach())
         return scales.lambda_traj * weighted * (per_rank / max(scales.global_windows, 1)), metrics
@@ -83,3 +86,13 @@ def total_loss(sums: dict[str, float], scales: ObjectiveScales) -> tuple[float, 
     opd = sums["opd_sum"] / max(scales.global_tokens, 1)
     traj = sums["traj_sum"] / max(scales.global_windows, 1)
     return opd + scales.lambda_traj * traj, opd, traj
+
+
+def tis_ratio(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+              cap: float) -> torch.Tensor:
+    """Truncated importance weight per token, min(exp(log pi_trainer - log pi_rollout), cap), as a constant (no
+    gradient); 1 where the token has no rollout log-prob (or is not a response token)."""
+    with torch.no_grad():
+        has_lp = mask & torch.isfinite(rollout_logprobs)
+        ratio = torch.exp(trainer_logprobs.detach().float() - rollout_logprobs.float()).clamp_(max=cap)
+        return torch.where(has_lp, ratio, torch.ones_like(ratio))

@@ -1,6 +1,6 @@
 """The scoring pass: per-token scalars of every rollout, with no gradient, before the probe picks candidates.
 
-Only per-token scalars survive it: l_t (reverse KL, full vocabulary), log pi_S(y_t), log pi_T(y_t) and the student's
+Only per-token scalars survive it: l_t (the `teacher.kl` estimator's, train/estimators.py), log pi_S(y_t), log pi_T(y_t) and the student's
 entropy, each [rows, S] float32 (at topd_70b: 128 rows x 16k x 4 B = 8 MB per tensor per replica). The teacher's logit
 shards of a group of G microbatches are consumed by the student's forward over the same group and dropped.
 """
@@ -19,7 +19,7 @@ def score_rollouts(student_chunks, teacher: TeacherSignal, batches: list[dict], 
     """Token-aligned [rows, width] scalars per name in SCORES (0 at prompt and padding positions) on the last stage;
     None on other stages. Row order follows each microbatch's ``row_index``."""
     from megatron_topd import parallel
-    from megatron_topd.losses import vocab_parallel_opd_scores
+    from megatron_topd.train.estimators import rollout_terms
 
     group = parallel.tensor_parallel_group()
     out = {name: torch.zeros(rows, width, dtype=torch.float32) for name in SCORES}
@@ -34,11 +34,10 @@ def score_rollouts(student_chunks, teacher: TeacherSignal, batches: list[dict], 
             def score(logits, batch):
                 nonlocal seen
                 seen = True
-                s = vocab_parallel_opd_scores(logits[:, :-1], next(it)[:, :-1], batch["tokens"][:, 1:], group=group,
-                                              vocab_size=vocab_size, chunk_size=chunk_size, check_finite=False)
+                t = rollout_terms(logits, batch, next(it), group=group, vocab_size=vocab_size, chunk_size=chunk_size)
                 mask = batch["response_mask"][:, 1:]
                 idx = batch["row_index"].cpu()
-                for name, value in zip(SCORES, s):
+                for name, value in zip(SCORES, (t.token_loss, t.student_logprobs, t.teacher_logprobs, t.entropy)):
                     v = torch.where(mask, value.detach().float(), torch.zeros_like(value)).cpu()
                     n = min(v.shape[1], width - 1)
                     out[name][idx, 1 : 1 + n] = v[:, :n]

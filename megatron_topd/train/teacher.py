@@ -11,6 +11,7 @@ group holds G of them (G=2: 1.2 GB). A guidance microbatch keeps only its weight
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -19,8 +20,14 @@ from megatron_topd.train.step import run_schedule
 
 
 class TeacherSignal(Protocol):
-    def for_microbatches(self, batches: list[dict]) -> list[torch.Tensor] | None:
+    def for_microbatches(self, batches: list[dict]) -> list | None:
         """Per microbatch, what the loss needs from the teacher (last pipeline stage), in order; None elsewhere."""
+
+    def score_rollouts(self, prompts: list[list[int]], responses: list[list[int]]) -> list[dict] | None:
+        """Per-row teacher data that must travel with the rows into the microbatches (remote teacher), else None."""
+
+    def score_guidance(self, tokens: torch.Tensor, lengths: torch.Tensor, window_start: torch.Tensor) -> list[dict] | None:
+        """The same for guidance rows (their window positions)."""
 
 
 class ColocatedTeacher:
@@ -47,6 +54,78 @@ class ColocatedTeacher:
             run_schedule(self.chunks, batches, keep, forward_only=True)
         return stash or None
 
+    def score_rollouts(self, prompts, responses) -> None:
+        return None  # the logits come from the forward pass, inside the schedule
+
+    def score_guidance(self, tokens, lengths, window_start) -> None:
+        return None
+
 
 def groups_of(batches: list[dict], size: int) -> list[list[dict]]:
     return [batches[i : i + size] for i in range(0, len(batches), size)]
+
+
+class RemoteTeacher:
+    """A teacher served by SGLang (`teacher.urls`): the trainer holds no teacher model at all.
+
+    Each rollout is scored by prefill (`max_new_tokens=0`): per response token the log-prob of the sampled token and,
+    for ``kl="topk"``, the teacher's top-k (ids, log-probs). Guidance rows (prefix + teacher window) are scored the
+    same way at their window positions (a prefix-cache hit on the server that just generated the window).
+    Sizes at topd_70b with k = 64: per replica [128 rows, 16k, 64] ids (int32) + log-probs (float32) = 1 GB of host
+    memory, placed into each microbatch as [rows_mb, S_mb, k] (docs/remote_teacher.md).
+    """
+
+    def __init__(self, client, *, kl: str, top_k: int):
+        self.client, self.kl, self.top_k = client, kl, top_k
+
+    def for_microbatches(self, batches: list[dict]) -> list[dict]:
+        out = []
+        for b in batches:
+            signal = {"kind": self.kl, "topk_ids": b.get("teacher_topk_ids"), "topk_logprobs": b.get("teacher_topk_logprobs")}
+            if b["kind"] == "rollout":
+                signal["token_logprobs"] = b["teacher_token_logprobs"]
+            out.append(signal)
+        return out
+
+    def score_rows(self, prompts: list[list[int]], completions: list[list[int]], *, top_k: int) -> list[dict]:
+        """Per row, the teacher's data for each completion token: ``token_logprobs [R]`` and, with ``top_k``,
+        ``topk_ids`` / ``topk_logprobs [R, k]`` (the distribution predicting that token, unscaled)."""
+        scores = self.client.score([p + c for p, c in zip(prompts, completions)], start=[len(p) for p in prompts],
+                                   top_logprobs=top_k)
+        rows = []
+        for s in scores:
+            row = {"token_logprobs": torch.tensor(s.token_logprobs, dtype=torch.float32)}
+            if top_k:
+                row["topk_ids"] = torch.tensor([[i for i, _ in pos] for pos in s.top_logprobs], dtype=torch.long)
+                row["topk_logprobs"] = torch.tensor([[lp for _, lp in pos] for pos in s.top_logprobs],
+                                                    dtype=torch.float32)
+            rows.append(row)
+        return rows
+
+    def score_rollouts(self, prompts, responses) -> list[dict]:
+        return self.score_rows(prompts, responses, top_k=self.top_k if self.kl == "topk" else 0)
+
+    def score_guidance(self, tokens: torch.Tensor, lengths: torch.Tensor, window_start: torch.Tensor) -> list[dict]:
+        """Top-k at every window position of each guidance row (L_traj uses them under topk and sampled alike)."""
+        prefixes = [tokens[i, : int(window_start[i])].tolist() for i in range(tokens.shape[0])]
+        windows = [tokens[i, int(window_start[i]) : int(lengths[i])].tolist() for i in range(tokens.shape[0])]
+        return self.score_rows(prefixes, windows, top_k=self.top_k)
+
+
+def teacher_fields(teacher_rows: list[dict], idx: list[int], starts: list[int], width: int, k: int) -> dict:
+    """Logit-aligned [n, width(, k)] batch fields from per-row remote scores (position p predicts token p + 1).
+
+    Positions without teacher data get distinct filler ids and log(1/(k+1)) (valid, masked out of every loss)."""
+    n = len(idx)
+    out = {"teacher_token_logprobs": torch.zeros(n, width)}
+    if k:
+        out["teacher_topk_ids"] = torch.arange(k).repeat(n, width, 1)
+        out["teacher_topk_logprobs"] = torch.full((n, width, k), -math.log(k + 1))
+    for j, (i, start) in enumerate(zip(idx, starts)):
+        row = teacher_rows[i]
+        r = len(row["token_logprobs"])
+        out["teacher_token_logprobs"][j, start - 1 : start - 1 + r] = row["token_logprobs"]
+        if k:
+            out["teacher_topk_ids"][j, start - 1 : start - 1 + r] = row["topk_ids"]
+            out["teacher_topk_logprobs"][j, start - 1 : start - 1 + r] = row["topk_logprobs"]
+    return out

@@ -51,3 +51,46 @@ def test_topd_loop_trains_syncs_and_resumes(tmp_path):
     records = [json.loads(line) for line in (out / "rollouts" / "step_00000002.jsonl").read_text().splitlines()]
     assert {r["weight_version"] for r in records} == {"2"}
     assert (out / "checkpoints" / "latest_step.txt").read_text() == "3"
+
+
+def run_remote_training(config_overrides: list[str]) -> dict:
+    """One training run; counts the Megatron models the trainer builds (the real builder runs)."""
+    import megatron_topd.train.loop as loop
+    from megatron_topd.config import load_config
+
+    built = []
+    real_build = loop.build_gpt_model
+    loop.build_gpt_model = lambda spec, **kw: built.append(spec) or real_build(spec, **kw)
+    try:
+        history = loop.train(load_config(REPO / "examples" / "cpu_demo.yaml", config_overrides))
+    finally:
+        loop.build_gpt_model = real_build
+    return {"history": history, "models_built": len(built)}
+
+
+@pytest.mark.slow
+@pytest.mark.sglang
+@pytest.mark.parametrize("kl", ["topk", "sampled"])
+def test_topd_step_with_a_remote_teacher_builds_no_teacher_model(tmp_path, kl):
+    from megatron_topd.demo import build_assets
+
+    assets = build_assets(tmp_path / "assets")
+    out = tmp_path / "run"
+    overrides = [
+        f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
+        "teacher.placement=remote", f"teacher.kl={kl}", "teacher.top_k=32", "teacher.checkpoint=",
+        f"teacher.hf_path={assets['teacher_hf']}", f"train.prompts_path={assets['prompts']}",
+        f"train.output_dir={out}", f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
+        "train.prompts_per_step=2", "rollout.n_samples=2", "rollout.max_new_tokens=24", "topd.window=8",
+        "train.steps=1",
+    ]
+    ranks = run_on_ranks(run_remote_training, 2, overrides, timeout=1200)
+    assert [r["models_built"] for r in ranks] == [1, 1]  # the student only: no Megatron teacher on any rank
+    (row,) = ranks[0]["history"]
+    assert row["response_tokens"] > 0 and row["grad_norm"] > 0 and row["skipped"] == 0.0
+    assert row["candidates"] > 0 and row["guidance_windows"] == row["divergent"]
+    if row["divergent"] > 0:
+        assert row["traj_loss"] > 0  # L_traj from the teacher server's top-k along its windows
+    if kl == "topk":
+        assert row["mean_token_kl"] > 0  # a lower bound of the KL, positive for different models
+    assert abs(row["loss"] - (row["opd_loss"] + row["traj_loss"])) < 1e-5 * max(1.0, abs(row["loss"]))
