@@ -18,6 +18,7 @@ bound to one event loop); every collective stays on the main thread.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
@@ -26,8 +27,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 
-def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int):
-    """Rank 0: `prompts_per_step x n_samples` responses for step `step`, written to rollouts/step_k.jsonl."""
+def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=None):
+    """Rank 0: `prompts_per_step x n_samples` responses for step `step`, written to rollouts/step_k.jsonl.
+
+    ``scorer`` (a remote teacher, `train.teacher.RemoteTeacher`): each prompt's samples are scored by the teacher's
+    servers as soon as they are generated, while the other prompts still generate; the scores ride in the batch."""
     from megatron_topd.rollout import SamplingParams
     from megatron_topd.rollout.records import records_from_generations, write_records
     from megatron_topd.train.loop import StepBatch
@@ -35,18 +39,31 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int):
     prompts = dataset.next_batch(cfg.train.prompts_per_step)
     dataset_state = dataset.state_dict()  # right after the draw: the checkpoint of step k resumes at step k+1
     seed = cfg.rollout.seed if cfg.rollout.seed is not None else cfg.train.seed
-    gens = client.generate(
-        [p.ids for p in prompts],
-        SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n_samples,
-                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                       seed=seed * 100003 + step),
-    )
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, n=cfg.rollout.n_samples,
+                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            seed=seed * 100003 + step)
+    teacher_rows = None
+    if scorer is None:
+        gens = client.generate([p.ids for p in prompts], params)
+    else:
+        gens, teacher_rows = asyncio.run(_generate_and_score(client, scorer, [p.ids for p in prompts], params))
     records = records_from_generations([p.index for p in prompts], [p.ids for p in prompts], gens)
     write_records(out / "rollouts" / f"step_{step:08d}.jsonl", records, vocab_size=vocab)
     versions = [r.weight_version for r in records]
     return StepBatch([r.prompt_ids for r in records], [r.response_ids for r in records],
                      [r.response_logprobs for r in records], [r.finish_reason for r in records],
-                     versions, dataset_state, staleness=staleness(step, versions))
+                     versions, dataset_state, teacher=teacher_rows, staleness=staleness(step, versions))
+
+
+async def _generate_and_score(client, scorer, prompts: list[list[int]], params):
+    """Generation with each prompt's samples scored by the teacher as soon as they are back (record order)."""
+    scored: dict[int, list[dict]] = {}
+
+    async def score(i: int, gens) -> None:
+        scored[i] = await scorer.ascore_samples(prompts[i], [g.token_ids for g in gens])
+
+    gens = await client.agenerate(prompts, params, on_prompt_done=score)
+    return gens, [row for i in range(len(prompts)) for row in scored[i]]
 
 
 def staleness(step: int, versions: list[str]) -> float:
@@ -59,8 +76,9 @@ def staleness(step: int, versions: list[str]) -> float:
 class SyncRollouts:
     """Step k's rollouts sampled at the top of step k (on-policy). Every rank calls `next`; rank 0 samples."""
 
-    def __init__(self, cfg, dataset, client, out: Path, vocab: int, rank0: bool):
+    def __init__(self, cfg, dataset, client, out: Path, vocab: int, rank0: bool, scorer=None):
         self.cfg, self.dataset, self.client, self.out, self.vocab, self.rank0 = cfg, dataset, client, out, vocab, rank0
+        self.scorer = scorer
 
     def next(self, step: int):
         """Step `step`'s batch on every rank (a collective)."""
@@ -73,9 +91,10 @@ class SyncRollouts:
         """Wait until no generation is in flight (call before the servers' weights change); seconds waited."""
         return 0.0
 
-    def _sample_or_error(self, step: int, client):
+    def _sample_or_error(self, step: int, client, scorer=None):
         try:
-            return sample_step(self.cfg, step, self.dataset, client, self.out, self.vocab)
+            return sample_step(self.cfg, step, self.dataset, client, self.out, self.vocab,
+                               self.scorer if scorer is None else scorer)
         except Exception as e:  # reaches every rank (raised there too), instead of leaving them in the broadcast
             return _Failed(f"step {step}: {type(e).__name__}: {e}")
 
@@ -83,12 +102,13 @@ class SyncRollouts:
 class AsyncRollouts(SyncRollouts):
     """Step k+1's rollouts sampled in the background while step k trains (one step off-policy)."""
 
-    def __init__(self, cfg, dataset, client, out: Path, vocab: int, rank0: bool, *, last_step: int):
-        super().__init__(cfg, dataset, client, out, vocab, rank0)
+    def __init__(self, cfg, dataset, client, out: Path, vocab: int, rank0: bool, *, last_step: int, scorer=None):
+        super().__init__(cfg, dataset, client, out, vocab, rank0, scorer)
         self.last_step = last_step  # no prefetch beyond it (exclusive)
         self._thread: threading.Thread | None = None
         self._box: dict = {}
         self._client = _own_client(client) if rank0 else None
+        self._scorer = scorer.with_own_client() if rank0 and scorer is not None else None
 
     def next(self, step: int):
         payload = None
@@ -113,7 +133,7 @@ class AsyncRollouts(SyncRollouts):
 
     def _start(self, step: int) -> None:
         def work():
-            self._box["batch"] = self._sample_or_error(step, self._client)
+            self._box["batch"] = self._sample_or_error(step, self._client, self._scorer)
             self._box["step"] = step
 
         # A daemon: a run that stops early (preemption, an error) never waits on a prefetch nobody will use.
@@ -121,11 +141,12 @@ class AsyncRollouts(SyncRollouts):
         self._thread.start()
 
 
-def make_rollout_source(cfg, dataset, client, out: Path, vocab: int, rank0: bool):
-    """`train.async_rollouts` picks the source; both have next(step) -> StepBatch and settle() -> seconds."""
+def make_rollout_source(cfg, dataset, client, out: Path, vocab: int, rank0: bool, scorer=None):
+    """`train.async_rollouts` picks the source; both have next(step) -> StepBatch and settle() -> seconds.
+    ``scorer``: the teacher's `rollout_scorer` (a remote teacher scores samples as they finish; None otherwise)."""
     if cfg.train.async_rollouts:
-        return AsyncRollouts(cfg, dataset, client, out, vocab, rank0, last_step=cfg.train.steps)
-    return SyncRollouts(cfg, dataset, client, out, vocab, rank0)
+        return AsyncRollouts(cfg, dataset, client, out, vocab, rank0, last_step=cfg.train.steps, scorer=scorer)
+    return SyncRollouts(cfg, dataset, client, out, vocab, rank0, scorer)
 
 
 class _Failed:

@@ -113,9 +113,13 @@ class SGLangClient:
         *,
         return_logprobs: bool = True,
         top_logprobs: int = 0,
+        on_prompt_done=None,
         _what: str = "prompts",
     ) -> list[list[Generation]]:
-        """`params.n` generations per prompt: `result[i][j]` is sample j of prompt i."""
+        """`params.n` generations per prompt: `result[i][j]` is sample j of prompt i.
+
+        ``on_prompt_done(i, generations)`` (async) runs as soon as prompt i's samples are back - e.g. to score them
+        with a remote teacher while other prompts still generate; its failure fails the call."""
         params.validate(self.vocab_size)
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens=0 generates nothing: use score() to get log-probs of given tokens")
@@ -125,9 +129,15 @@ class SGLangClient:
             max_new_tokens=params.max_new_tokens, context_length=self.context_length,
         )
         call = f"{self._tag}-{next(_CALLS)}"
+        async def then(i, job):
+            gens = await job
+            if on_prompt_done is not None:
+                await on_prompt_done(i, gens)
+            return gens
+
         return await self._run_jobs(
             lambda session: [
-                self._generate_one(session, call, i, p, params, return_logprobs, top_logprobs)
+                then(i, self._generate_one(session, call, i, p, params, return_logprobs, top_logprobs))
                 for i, p in enumerate(prompts)
             ],
             what="generate",

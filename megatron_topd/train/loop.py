@@ -131,15 +131,14 @@ def train(cfg: Config) -> list[dict]:
                                wandb_project=cfg.train.wandb_project, config=cfg)
         from megatron_topd.rollout.async_rollouts import make_rollout_source
 
-        rollout_source = make_rollout_source(cfg, dataset, student_client, out, vocab, rank0)  # train.async_rollouts
+        rollout_source = make_rollout_source(cfg, dataset, student_client, out, vocab, rank0,  # train.async_rollouts
+                                             scorer=teacher.rollout_scorer)
         history = []
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
 
             batch = generate_rollouts(rollout_source, step)                                        # 1. rollouts
-            batch.teacher = _broadcast(teacher.score_rollouts(batch.prompt_ids, batch.response_ids)  # (remote teacher)
-                                       if rank0 else None)
             timings["generation_s"] = time.perf_counter() - t0
             rows = replica_rows(batch, layout)                                                    # 2. DP share
             t = time.perf_counter()

@@ -23,8 +23,7 @@ class TeacherSignal(Protocol):
     def for_microbatches(self, batches: list[dict]) -> list | None:
         """Per microbatch, what the loss needs from the teacher (last pipeline stage), in order; None elsewhere."""
 
-    def score_rollouts(self, prompts: list[list[int]], responses: list[list[int]]) -> list[dict] | None:
-        """Per-row teacher data that must travel with the rows into the microbatches (remote teacher), else None."""
+    rollout_scorer: "RemoteTeacher | None"  # scores samples as the rollout source receives them (remote), or None
 
     def score_guidance(self, tokens: torch.Tensor, lengths: torch.Tensor, window_start: torch.Tensor) -> list[dict] | None:
         """The same for guidance rows (their window positions)."""
@@ -54,8 +53,7 @@ class ColocatedTeacher:
             run_schedule(self.chunks, batches, keep, forward_only=True)
         return stash or None
 
-    def score_rollouts(self, prompts, responses) -> None:
-        return None  # the logits come from the forward pass, inside the schedule
+    rollout_scorer = None  # the logits come from the forward pass, inside the schedule
 
     def score_guidance(self, tokens, lengths, window_start) -> None:
         return None
@@ -78,6 +76,11 @@ class RemoteTeacher:
     def __init__(self, client, *, kl: str, top_k: int):
         self.client, self.kl, self.top_k = client, kl, top_k
 
+    @property
+    def rollout_scorer(self) -> "RemoteTeacher":
+        """The rollout source scores each prompt's samples through `ascore_samples` as they finish."""
+        return self
+
     def for_microbatches(self, batches: list[dict]) -> list[dict]:
         out = []
         for b in batches:
@@ -92,15 +95,20 @@ class RemoteTeacher:
         ``topk_ids`` / ``topk_logprobs [R, k]`` (the distribution predicting that token, unscaled)."""
         scores = self.client.score([p + c for p, c in zip(prompts, completions)], start=[len(p) for p in prompts],
                                    top_logprobs=top_k)
-        rows = []
-        for s in scores:
-            row = {"token_logprobs": torch.tensor(s.token_logprobs, dtype=torch.float32)}
-            if top_k:
-                row["topk_ids"] = torch.tensor([[i for i, _ in pos] for pos in s.top_logprobs], dtype=torch.long)
-                row["topk_logprobs"] = torch.tensor([[lp for _, lp in pos] for pos in s.top_logprobs],
-                                                    dtype=torch.float32)
-            rows.append(row)
-        return rows
+        return _score_rows(scores, top_k)
+
+    async def ascore_samples(self, prompt: list[int], completions: list[list[int]]) -> list[dict]:
+        """`score_rollouts` for one prompt's samples, awaited as soon as they are generated (the rollout source
+        calls it per prompt, so scoring overlaps the generation of the other prompts)."""
+        top_k = self.top_k if self.kl == "topk" else 0
+        scores = await self.client.ascore([prompt + c for c in completions], start=len(prompt), top_logprobs=top_k)
+        return _score_rows(scores, top_k)
+
+    def with_own_client(self) -> "RemoteTeacher":
+        """The same teacher on a fresh connection pool (for a background thread's event loop)."""
+        from megatron_topd.rollout.async_rollouts import _own_client
+
+        return RemoteTeacher(_own_client(self.client), kl=self.kl, top_k=self.top_k)
 
     def score_rollouts(self, prompts, responses) -> list[dict]:
         return self.score_rows(prompts, responses, top_k=self.top_k if self.kl == "topk" else 0)
@@ -110,6 +118,18 @@ class RemoteTeacher:
         prefixes = [tokens[i, : int(window_start[i])].tolist() for i in range(tokens.shape[0])]
         windows = [tokens[i, int(window_start[i]) : int(lengths[i])].tolist() for i in range(tokens.shape[0])]
         return self.score_rows(prefixes, windows, top_k=self.top_k)
+
+
+def _score_rows(scores, top_k: int) -> list[dict]:
+    """Client `Score`s -> per-row tensors (see `RemoteTeacher.score_rows`)."""
+    rows = []
+    for s in scores:
+        row = {"token_logprobs": torch.tensor(s.token_logprobs, dtype=torch.float32)}
+        if top_k:
+            row["topk_ids"] = torch.tensor([[i for i, _ in pos] for pos in s.top_logprobs], dtype=torch.long)
+            row["topk_logprobs"] = torch.tensor([[lp for _, lp in pos] for pos in s.top_logprobs], dtype=torch.float32)
+        rows.append(row)
+    return rows
 
 
 def teacher_fields(teacher_rows: list[dict], idx: list[int], starts: list[int], width: int, k: int) -> dict:
