@@ -82,7 +82,15 @@ run srun --job-name=trainer --nodes="$N_TRAINER" --ntasks=$((N_TRAINER * TASKS_P
   --export=ALL,MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT" \
   "$TRAINER_PYTHON" -m megatron_topd.launch.trainer --config "$CONFIG" "$@" &
 trainer=$!
-trap 'echo "[job] SIGUSR1: the trainer stops after its current step"; kill -USR1 "$trainer" 2>/dev/null || true' USR1
+# srun does not forward SIGUSR1 (it would die of it): signal the trainer step's tasks through Slurm.
+# shellcheck disable=SC2317  # called by the trap
+stop_trainer() {
+  echo "[job] SIGUSR1: the trainer stops after its current step"
+  local step
+  step=$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' | awk '$2 == "trainer" {print $1}' | head -n 1)
+  if [[ -n $step ]]; then scancel --signal=USR1 "$step" || true; fi
+}
+trap stop_trainer USR1
 
 set +e
 while :; do
@@ -93,9 +101,15 @@ set -e
 echo "[job] trainer exited with $rc"
 [[ $DRYRUN == 1 ]] && exit 0
 
-# 4. Servers stop on the trainer's exit file (written here too, in case the trainer died without writing it).
-printf '{"code": %d, "attempt": "%s"}\n' "$rc" "$attempt" > "$ENDPOINTS/.trainer.exit.tmp"
-mv "$ENDPOINTS/.trainer.exit.tmp" "$ENDPOINTS/trainer.exit"
+# 4. Servers stop on the trainer's exit file. Rank 0 writes it (75 = stopped on request, checkpoint saved; the
+#    processes then exit 0); written here when the step failed or the trainer died without writing it.
+written=$(grep -o "\"code\": *[0-9-]*, *\"attempt\": *\"$attempt\"" "$ENDPOINTS/trainer.exit" 2>/dev/null || true)
+if (( rc != 0 )) || [[ -z $written ]]; then
+  printf '{"code": %d, "attempt": "%s"}\n' "$rc" "$attempt" > "$ENDPOINTS/.trainer.exit.tmp"
+  mv "$ENDPOINTS/.trainer.exit.tmp" "$ENDPOINTS/trainer.exit"
+elif [[ $written =~ \"code\":\ *75, ]]; then
+  rc=75
+fi
 for _ in $(seq 1 60); do
   alive=0
   for pid in "${server_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done

@@ -5,7 +5,8 @@
 In a role-split job it first waits for every server's URL under `<endpoints>/` (deadline: launch.endpoint_timeout_s)
 and hands them to the run as `rollout.urls` / `teacher.urls`, with the weight-sync master address set to the first
 trainer node's name (routable from the server nodes). Without server nodes, rank 0 launches the servers itself.
-A stop request (SIGUSR1, see train/preemption.py) ends the run after a checkpoint with exit code 75 (requeue me).
+A stop request (SIGUSR1, see train/preemption.py) ends the run after a checkpoint: trainer.exit holds 75 (requeue
+me) while the processes exit 0.
 Rank 0 (any rank on failure) writes `<endpoints>/trainer.exit`, on which the server roles stop.
 """
 from __future__ import annotations
@@ -80,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if code != 0 or rank() == 0:
             endpoints.write_exit(root, code)
-    if code == preemption.REQUEUE_EXIT_CODE and rank() == 0:
-        print("[trainer] stopped on request after a checkpoint: exit 75 (requeue)", flush=True)
+    if code == preemption.REQUEUE_EXIT_CODE:
+        # The process exits 0 (srun --kill-on-bad-exit must not cut the other ranks' ends short); the exit file says 75.
+        if rank() == 0:
+            print("[trainer] stopped on request after a checkpoint: trainer.exit says 75 (requeue)", flush=True)
+        return 0
     return code
 
 

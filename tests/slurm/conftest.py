@@ -1,0 +1,104 @@
+"""The Slurm tier: a real Slurm 22.05 cluster on this machine (slurmctld, slurmdbd + MariaDB, 3 virtual nodes n1-n3;
+scripts/slurm_local.sh), started for this package and stopped after it. Jobs run the real roles with real SGLang CPU
+servers and the real trainer. Needs root (daemons, /etc/hosts): the only opt-out is a non-root run, which skips.
+Without the packages these tests FAIL: `make setup-slurm setup-nemorun` (make test does it)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NEMORUN_PYTHON = REPO / ".venv-nemorun" / "bin" / "python"
+TRAINER_PYTHON = REPO / ".venv" / "bin" / "python"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="the local Slurm cluster needs root (daemons, /etc/hosts); run as root")
+        for item in items:
+            if "tests/slurm" in str(item.fspath):
+                item.add_marker(skip)
+
+
+def require(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run `make setup-slurm` (apt: Slurm, munge, slurmdbd, "
+                    "MariaDB, shellcheck)")
+
+
+@pytest.fixture(scope="package")
+def cluster(tmp_path_factory):
+    """SLURM_CONF of a running local cluster (also exported into os.environ for the package's tests)."""
+    require("slurmctld", "slurmd", "slurmdbd", "mariadbd", "munged", "sbatch", "sacct")
+    # Not under pytest's private tmp folder: MariaDB runs as user mysql and must reach its data folder.
+    state = Path(tempfile.mkdtemp(prefix="topd-slurm-"))
+    script = REPO / "scripts" / "slurm_local.sh"
+    started = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True, text=True, timeout=180)
+    if started.returncode != 0:
+        subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=120)
+        pytest.fail(f"local Slurm cluster did not start:\n{started.stdout}\n{started.stderr}")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=180)
+        shutil.rmtree(state, ignore_errors=True)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture(scope="package")
+def assets(tmp_path_factory):
+    """The CPU demo's tiny student/teacher (HF + Megatron) and prompts, built once for the package."""
+    from megatron_topd.demo import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("slurm_assets"))
+
+
+def asset_overrides(assets) -> list[str]:
+    return [f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
+            f"teacher.checkpoint={assets['teacher_ckpt']}", f"teacher.hf_path={assets['teacher_hf']}",
+            f"train.prompts_path={assets['prompts']}"]
+
+
+def job_field(job_id: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    for token in out.split():
+        if token.startswith(field + "="):
+            return token.split("=", 1)[1]
+    return ""
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 1.0, on_timeout=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{on_timeout()}")
+
+
+def sacct_steps(job_id: str) -> list[dict]:
+    """Every step of every attempt: name, node list, state, exit code (from Slurm's accounting, not our logs)."""
+    out = subprocess.run(["sacct", "-j", job_id, "--duplicates", "-n", "-P", "-o", "JobID,JobName,NodeList,State,ExitCode"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [dict(zip(("id", "name", "nodes", "state", "exit"), line.split("|"))) for line in out.splitlines() if line]
+    return rows
+
+
+def tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"({path} missing)"

@@ -1,0 +1,92 @@
+"""Static checks of the sbatch scripts and the rendered 70B/8B plans (no cluster, no GPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from tests.slurm.conftest import REPO, TRAINER_PYTHON, require
+
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+CPU_OK = ["precision.fp8=null"]  # FP8 is validated against the GPU: on this CPU machine render in bf16
+
+
+def test_scripts_parse_and_are_shellcheck_clean():
+    require("shellcheck")
+    assert {p.name for p in SCRIPTS} >= {"job.sh", "topd_70b.sh", "topd_8b.sh", "topd_cpu.sh", "convert.sh"}
+    for path in SCRIPTS:
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    out = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+    for path in SCRIPTS:  # preemption-ready and no folder Slurm must find before the job starts
+        text = path.read_text()
+        assert "--output=logs/" not in text
+        if path.name.startswith("topd_"):
+            assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text and "--open-mode=append" in text
+
+
+def plan(config: str, nodelist: str, *overrides: str, servers: bool = True):
+    out = subprocess.run([str(TRAINER_PYTHON), "-m", "megatron_topd.launch.plan", "--config", config, "--nodelist",
+                          nodelist, "--job-id", "4242", *(["--servers"] if servers else []), *CPU_OK, *overrides],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return out
+
+
+@pytest.mark.parametrize("config,nodes,split", [
+    ("examples/topd_70b.yaml", "gpu[001-017]", {"trainer": 8, "student": 8, "teacher": 1, "per_node": 1, "ranks": 64}),
+    ("examples/topd_8b.yaml", "gpu[101-104]", {"trainer": 2, "student": 1, "teacher": 1, "per_node": 4, "ranks": 16}),
+])
+def test_rendered_plan_splits_nodes_and_binds_routable_addresses(cluster, config, nodes, split):
+    out = plan(config, nodes)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    trainer = lines[-1]
+    assert trainer["role"] == "trainer" and len(trainer["nodes"]) == split["trainer"]
+    assert trainer["ranks"] == split["ranks"]
+    servers = lines[:-1]
+    student_nodes = {s["node"] for s in servers if s["role"] == "student"}
+    teacher_nodes = {s["node"] for s in servers if s["role"] == "teacher"}
+    assert len(student_nodes) == split["student"] and len(teacher_nodes) == split["teacher"]
+    assert not (set(trainer["nodes"]) & student_nodes) and not (student_nodes & teacher_nodes)
+    assert not (set(trainer["nodes"]) & teacher_nodes)
+    assert sum(s["role"] == "student" for s in servers) == split["student"] * split["per_node"]
+    for s in servers:  # each server binds its own node's name, never a loopback address
+        host = s["command"][s["command"].index("--host") + 1]
+        assert host == s["node"] and host not in ("127.0.0.1", "localhost", "0.0.0.0")
+        assert s["command"][0] == "python3"  # the SGLang image's interpreter, not a local venv
+    gpu_ids = sorted(int(s["command"][s["command"].index("--base-gpu-id") + 1]) for s in servers
+                     if s["role"] == "student" and s["node"] == sorted(student_nodes)[0])
+    assert gpu_ids == [i * (8 // split["per_node"]) for i in range(split["per_node"])]  # disjoint GPU slices
+    # The weight-sync master is trainer rank 0's node, reachable from the server nodes.
+    assert trainer["sync_master_address"] == trainer["nodes"][0] and not trainer["loopback_servers"]
+
+
+def test_dryrun_of_topd_70b_sh_places_each_role_on_its_nodes(cluster):
+    env = {**os.environ, "TOPD_DRYRUN": "1", "SLURM_JOB_NODELIST": "gpu[001-017]", "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(REPO), "TRAINER_IMAGE": "/images/trainer.sqsh",
+           "SGLANG_IMAGE": "nvcr.io#nvidia/sglang:25.10-py3", "TRAINER_PYTHON": str(TRAINER_PYTHON)}
+    out = subprocess.run(["bash", "slurm/topd_70b.sh", *CPU_OK], cwd=REPO, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sruns = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("srun"):
+            args = shlex.split(line)
+            sruns[next(a for a in args if a.startswith("--job-name=")).split("=", 1)[1]] = args
+    assert set(sruns) == {"student", "teacher", "trainer"}
+    assert "--nodelist=" + ",".join(f"gpu{i:03d}" for i in range(9, 17)) in sruns["student"]
+    assert "--nodelist=gpu017" in sruns["teacher"]
+    assert "--nodelist=" + ",".join(f"gpu{i:03d}" for i in range(1, 9)) in sruns["trainer"]
+    assert "--ntasks=64" in sruns["trainer"] and "--container-image=/images/trainer.sqsh" in sruns["trainer"]
+    assert "--container-image=nvcr.io#nvidia/sglang:25.10-py3" in sruns["student"]
+    assert any(a.startswith("--export=ALL,MASTER_ADDR=gpu001,") for a in sruns["trainer"])
+
+def test_missing_fields_are_named_before_anything_starts(cluster):
+    out = plan("examples/topd_70b.yaml", "gpu[001-017]", "teacher.hf_path=", servers=False)
+    assert out.returncode != 0 and "teacher.hf_path is empty" in out.stderr
+    out = plan("examples/topd_70b.yaml", "gpu[001-016]", servers=False)
+    assert out.returncode != 0 and "--nodes=17" in out.stderr
+    out = plan("examples/topd_70b.yaml", "gpu[001-017]", "rollout.num_servers=4", servers=False)
+    assert out.returncode != 0 and "rollout.num_servers=4" in out.stderr
