@@ -8,7 +8,11 @@ decoding and a 1e-4 tolerance on log-probs only."""
 import json
 from dataclasses import asdict
 
+import pytest
+
 from megatron_topd.parallel.spawn import run_on_ranks
+
+pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 FIELDS = ("prompt_ids", "response_ids", "finish_reasons", "weight_versions", "dataset_state")  # exactly equal
 
