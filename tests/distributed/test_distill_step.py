@@ -8,9 +8,10 @@ import torch
 from megatron_topd.parallel.spawn import run_on_ranks
 from tests.distributed import distill_jobs as jobs
 
-LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)]
-# Long-context knobs that run on CPU: full / selective recompute, uneven pipeline stages (4 layers as 1 + 3).
-KNOBS = [((2, 1, 1), {"recompute": "full"}), ((2, 2, 1), {"recompute": "selective", "first_stage_layers": 1})]
+# Each layout also turns on a long-context knob that runs on CPU (recompute does not change the math; uneven
+# stages move layers between ranks): full / selective recompute, uneven pipeline stages (4 layers as 1 + 3).
+RUNS = [((2, 1, 1), {"recompute": "full"}), ((1, 2, 1), {"first_stage_layers": 1}),
+        ((2, 2, 1), {"recompute": "selective", "last_stage_layers": 3}), ((1, 1, 2), {})]
 METRICS = ("loss", "opd_loss", "traj_loss", "mean_token_kl", "entropy", "logprob_diff_mean", "logprob_diff_max")
 
 
@@ -22,7 +23,7 @@ def test_distill_step_equals_full_batch_reference_at_every_layout(tmp_path):
     assert ref["topd"]["traj_loss"] > 0 and ref["opd_suppress"]["opd_loss"] < ref["opd"]["opd_loss"]
 
     roots = []
-    runs = [((tp, pp, dp), {}) for tp, pp, dp in LAYOUTS] + KNOBS
+    runs = RUNS
     for (tp, pp, dp), knobs in runs:
         out = str(tmp_path / f"tp{tp}pp{pp}dp{dp}{''.join(map(str, knobs.values()))}")
         per_rank = run_on_ranks(jobs.parallel_step, tp * pp * dp, root, tp, pp, out, timeout=600, **knobs)

@@ -13,10 +13,8 @@ from tests.integration.test_loop_topd import run_training
 
 @pytest.mark.slow
 @pytest.mark.sglang
-def test_async_rollouts_are_one_step_off_policy_with_recorded_versions(tmp_path):
-    from megatron_topd.demo import build_assets
-
-    assets = build_assets(tmp_path / "assets")
+def test_async_rollouts_are_one_step_off_policy_with_recorded_versions(tmp_path, demo_assets):
+    assets = demo_assets
     out = tmp_path / "run"
     overrides = [
         f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",

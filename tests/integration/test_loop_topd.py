@@ -16,10 +16,8 @@ def run_training(config_overrides: list[str]) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.sglang
-def test_topd_loop_trains_syncs_and_resumes(tmp_path):
-    from megatron_topd.demo import build_assets
-
-    assets = build_assets(tmp_path / "assets")
+def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets):
+    assets = demo_assets
     out = tmp_path / "run"
     overrides = [
         f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
@@ -71,10 +69,8 @@ def run_remote_training(config_overrides: list[str]) -> dict:
 @pytest.mark.slow
 @pytest.mark.sglang
 @pytest.mark.parametrize("kl", ["topk", "sampled"])
-def test_topd_step_with_a_remote_teacher_builds_no_teacher_model(tmp_path, kl):
-    from megatron_topd.demo import build_assets
-
-    assets = build_assets(tmp_path / "assets")
+def test_topd_step_with_a_remote_teacher_builds_no_teacher_model(tmp_path, kl, demo_assets):
+    assets = demo_assets
     out = tmp_path / "run"
     overrides = [
         f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",

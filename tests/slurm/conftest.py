@@ -58,11 +58,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="package")
-def assets(tmp_path_factory):
-    """The CPU demo's tiny student/teacher (HF + Megatron) and prompts, built once for the package."""
-    from megatron_topd.demo import build_assets
-
-    return build_assets(tmp_path_factory.mktemp("slurm_assets"))
+def assets(demo_assets):
+    """The CPU demo's tiny student/teacher (HF + Megatron) and prompts (shared with the integration tier)."""
+    return demo_assets
 
 
 def asset_overrides(assets) -> list[str]:
