@@ -82,25 +82,10 @@ class LaunchConfig:
 
 def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict:
     """The config file as a dict with dotted overrides applied (values parsed as YAML), nothing validated yet."""
+    from megatron_topd.overrides import apply_overrides
+
     data = (yaml.safe_load(Path(path).read_text()) if path else None) or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a section")
-        value = yaml.safe_load(raw)
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        node[parts[-1]] = value
-    return data
+    return apply_overrides(data, overrides or [])
 
 
 def section(data: dict, name: str, cls):

@@ -7,21 +7,15 @@ import math
 import pytest
 
 from megatron_topd.parallel.spawn import run_on_ranks
-from tests.integration.conftest import sglang_python
-from tests.integration.test_loop_topd import run_training
+from tests.integration.test_loop_topd import demo_overrides, run_training
 
 
 @pytest.mark.slow
 @pytest.mark.sglang
 def test_async_rollouts_are_one_step_off_policy_with_recorded_versions(tmp_path, demo_assets):
-    assets = demo_assets
     out = tmp_path / "run"
-    overrides = [
-        f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
-        f"teacher.checkpoint={assets['teacher_ckpt']}", f"teacher.hf_path={assets['teacher_hf']}",
-        f"rollout.model_path={assets['student_hf']}", f"train.prompts_path={assets['prompts']}",
-        f"train.output_dir={out}", f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
-        "train.prompts_per_step=2", "rollout.n_samples=2", "rollout.max_new_tokens=16", "topd.window=6",
+    overrides = demo_overrides(demo_assets, tmp_path) + [
+        "rollout.max_new_tokens=16", "topd.window=6",
         "train.save_interval=10", "train.steps=3", "train.async_rollouts=true", "train.rollout_is_correction=true",
         "train.rollout_is_cap=2.0",
     ]

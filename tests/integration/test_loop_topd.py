@@ -14,19 +14,23 @@ def run_training(config_overrides: list[str]) -> list[dict]:
     return train(load_config(REPO / "examples" / "cpu_demo.yaml", config_overrides))
 
 
+def demo_overrides(assets: dict, tmp_path, *, colocated: bool = True) -> list[str]:
+    """The tiny demo run in `tmp_path/run`: its checkpoints, prompts, servers' interpreter and logs."""
+    teacher = [f"teacher.checkpoint={assets['teacher_ckpt']}"] if colocated else []
+    return teacher + [
+        f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
+        f"teacher.hf_path={assets['teacher_hf']}", f"train.prompts_path={assets['prompts']}",
+        f"train.output_dir={tmp_path / 'run'}", f"rollout.server_python={sglang_python()}",
+        f"rollout.server_log_dir={tmp_path}/logs", "train.prompts_per_step=2", "rollout.n_samples=2",
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.sglang
 def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets):
-    assets = demo_assets
     out = tmp_path / "run"
-    overrides = [
-        f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
-        f"teacher.checkpoint={assets['teacher_ckpt']}", f"teacher.hf_path={assets['teacher_hf']}",
-        f"rollout.model_path={assets['student_hf']}", f"train.prompts_path={assets['prompts']}",
-        f"train.output_dir={out}", f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
-        "train.prompts_per_step=2", "rollout.n_samples=2", "rollout.max_new_tokens=24", "topd.window=8",
-        "train.save_interval=1",
-    ]
+    overrides = demo_overrides(demo_assets, tmp_path) + [
+        "rollout.max_new_tokens=24", "topd.window=8", "train.save_interval=1"]
     first = run_on_ranks(run_training, 2, overrides + ["train.steps=2"], timeout=1200)
     reduced = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s") and k != "sync_mb"} for r in rows]  # noqa: E731
     assert reduced(first[0]) == reduced(first[1]), "every rank reports the same (reduced) metrics"
@@ -70,16 +74,9 @@ def run_remote_training(config_overrides: list[str]) -> dict:
 @pytest.mark.sglang
 @pytest.mark.parametrize("kl", ["topk", "sampled"])
 def test_topd_step_with_a_remote_teacher_builds_no_teacher_model(tmp_path, kl, demo_assets):
-    assets = demo_assets
-    out = tmp_path / "run"
-    overrides = [
-        f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
-        "teacher.placement=remote", f"teacher.kl={kl}", "teacher.top_k=32", "teacher.checkpoint=",
-        f"teacher.hf_path={assets['teacher_hf']}", f"train.prompts_path={assets['prompts']}",
-        f"train.output_dir={out}", f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
-        "train.prompts_per_step=2", "rollout.n_samples=2", "rollout.max_new_tokens=24", "topd.window=8",
-        "train.steps=1",
-    ]
+    overrides = demo_overrides(demo_assets, tmp_path, colocated=False) + [
+        "teacher.placement=remote", f"teacher.kl={kl}", "teacher.top_k=32", "rollout.max_new_tokens=24",
+        "topd.window=8", "train.steps=1"]
     ranks = run_on_ranks(run_remote_training, 2, overrides, timeout=1200)
     assert [r["models_built"] for r in ranks] == [1, 1]  # the student only: no Megatron teacher on any rank
     (row,) = ranks[0]["history"]
