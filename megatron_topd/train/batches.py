@@ -72,12 +72,17 @@ class RolloutRows:
 
     def padded(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens and token-aligned response mask, [rows, longest] (token ids and bools: no V dimension)."""
-        width = max(self.lengths())
-        tokens = torch.full((len(self), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(self), width), dtype=torch.bool)
-        for i, (p, r) in enumerate(zip(self.prompts, self.responses)):
-            tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-            mask[i, len(p) : len(p) + len(r)] = True
+        return self.tokens_and_mask(range(len(self)), max(self.lengths()), pad_id)
+
+    def tokens_and_mask(self, idx, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``idx`` right-padded to ``width``: token ids and the token-aligned response mask, [len(idx), width]."""
+        idx = list(idx)
+        tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.bool)
+        for j, i in enumerate(idx):
+            p, r = self.prompts[i], self.responses[i]
+            tokens[j, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[j, len(p) : len(p) + len(r)] = True
         return tokens, mask
 
 
@@ -92,14 +97,11 @@ def rollout_microbatches(rows: RolloutRows, max_tokens: int, pad_id: int, *, mul
     for idx in pack_rows(lengths, max_tokens, multiple):
         width = round_up(max(lengths[i] for i in idx), multiple)
         n = len(idx)
-        tokens = torch.full((n, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.bool)
+        tokens, mask = rows.tokens_and_mask(idx, width, pad_id)
         weights = torch.zeros((n, width), dtype=torch.float32)
         logprobs = torch.full((n, width), float("nan"), dtype=torch.float32)
         for j, i in enumerate(idx):
             p, r = rows.prompts[i], rows.responses[i]
-            tokens[j, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-            mask[j, len(p) : len(p) + len(r)] = True
             w = token_weights[i, : len(p) + len(r)] if token_weights is not None else torch.ones(len(p) + len(r))
             weights[j, : len(p) + len(r)] = w.float()
             if rows.logprobs:

@@ -14,15 +14,12 @@ class NonFiniteError(FloatingPointError):
     """Raised identically on every rank when the step saw a non-finite loss or gradient (train.on_nonfinite=stop)."""
 
 
-def local_nonfinite(model_chunks, per_microbatch: list[dict] | None = None, extra: list[torch.Tensor] = ()) -> bool:
-    """This rank's verdict: any non-finite reported loss/metric, gradient buffer value or extra tensor."""
+def local_nonfinite(model_chunks, per_microbatch: list[dict] | None = None) -> bool:
+    """This rank's verdict: any non-finite reported loss/metric or gradient buffer value."""
     for m in per_microbatch or []:
         for v in m.values():
             if torch.is_tensor(v) and not bool(torch.isfinite(v).all()):
                 return True
-    for t in extra:
-        if not bool(torch.isfinite(t).all()):
-            return True
     for chunk in model_chunks or []:
         for buffer in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
             if not bool(torch.isfinite(buffer.grad_data).all()):

@@ -313,8 +313,7 @@ def replica_rows(batch: StepBatch, layout) -> RolloutRows:
 
 def _pad_multiple(cfg: Config) -> int:
     """Microbatch lengths round up to this: 8, and a multiple of TP under sequence parallelism."""
-    tp = cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1
-    return 8 * tp // math.gcd(8, tp)
+    return math.lcm(8, cfg.parallel.tensor_parallel if cfg.parallel.sequence_parallel else 1)
 
 
 def score_replica(cfg: Config, student, teacher, rows: RolloutRows, pad_id: int, vocab: int, layout):

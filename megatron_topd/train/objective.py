@@ -62,8 +62,8 @@ def make_loss_fn(teachers: list[torch.Tensor] | None, scales: ObjectiveScales, *
             has_lp = mask & torch.isfinite(rollout_lp)
             diff = torch.where(has_lp, (s.student_logprobs - rollout_lp).abs(), torch.zeros_like(kl))
             metrics.update(
-                opd_sum=torch.where(mask, kl * weights, torch.zeros_like(kl)).sum(),
-                kl_sum=torch.where(mask, kl, torch.zeros_like(kl)).sum().detach(),
+                opd_sum=weighted.detach(),  # every estimator's loss term has the value of l_t
+                kl_sum=torch.where(mask, kl, torch.zeros_like(kl)).sum(),
                 entropy_sum=torch.where(mask, s.entropy, torch.zeros_like(kl)).sum(),
                 tokens=mask.sum().float(),
                 logprob_diff_sum=diff.sum(),

@@ -88,7 +88,6 @@ def reduce_metrics(per_microbatch: list[dict], *, mean: bool = True) -> dict[str
     # Only last-stage ranks have values; agree on the count first so every rank calls the same collectives.
     dist.all_reduce(n_names, op=dist.ReduceOp.MAX)
     values = torch.zeros(int(n_names.item()), dtype=torch.float64, device=dev)
-    is_max = torch.zeros(int(n_names.item()), dtype=torch.bool, device=dev)
     if names:
         stacked = torch.stack([torch.stack([m[k].double().to(dev) for m in per_microbatch]) for k in names])
         is_max = torch.tensor([k.endswith("_max") for k in names], device=dev)

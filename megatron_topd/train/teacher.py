@@ -69,12 +69,17 @@ class RemoteTeacher:
     Each rollout is scored by prefill (`max_new_tokens=0`): per response token the log-prob of the sampled token and,
     for ``kl="topk"``, the teacher's top-k (ids, log-probs). Guidance rows (prefix + teacher window) are scored the
     same way at their window positions (a prefix-cache hit on the server that just generated the window).
-    Sizes at topd_70b with k = 64: per replica [128 rows, 16k, 64] ids (int32) + log-probs (float32) = 1 GB of host
+    Sizes at topd_70b with k = 64: per replica [128 rows, 16k, 64] ids (int64) + log-probs (float32) = 1.6 GB of host
     memory, placed into each microbatch as [rows_mb, S_mb, k] (docs/remote_teacher.md).
     """
 
     def __init__(self, client, *, kl: str, top_k: int):
         self.client, self.kl, self.top_k = client, kl, top_k
+
+    @property
+    def rollout_top_k(self) -> int:
+        """Top-k per rollout token: k for ``topk``; 0 for ``sampled`` (the sampled token's log-prob only)."""
+        return self.top_k if self.kl == "topk" else 0
 
     @property
     def rollout_scorer(self) -> "RemoteTeacher":
@@ -100,9 +105,9 @@ class RemoteTeacher:
     async def ascore_samples(self, prompt: list[int], completions: list[list[int]]) -> list[dict]:
         """`score_rollouts` for one prompt's samples, awaited as soon as they are generated (the rollout source
         calls it per prompt, so scoring overlaps the generation of the other prompts)."""
-        top_k = self.top_k if self.kl == "topk" else 0
-        scores = await self.client.ascore([prompt + c for c in completions], start=len(prompt), top_logprobs=top_k)
-        return _score_rows(scores, top_k)
+        scores = await self.client.ascore([prompt + c for c in completions], start=len(prompt),
+                                          top_logprobs=self.rollout_top_k)
+        return _score_rows(scores, self.rollout_top_k)
 
     def with_own_client(self) -> "RemoteTeacher":
         """The same teacher on a fresh connection pool (for a background thread's event loop)."""
@@ -111,7 +116,7 @@ class RemoteTeacher:
         return RemoteTeacher(_own_client(self.client), kl=self.kl, top_k=self.top_k)
 
     def score_rollouts(self, prompts, responses) -> list[dict]:
-        return self.score_rows(prompts, responses, top_k=self.top_k if self.kl == "topk" else 0)
+        return self.score_rows(prompts, responses, top_k=self.rollout_top_k)
 
     def score_guidance(self, tokens: torch.Tensor, lengths: torch.Tensor, window_start: torch.Tensor) -> list[dict]:
         """Top-k at every window position of each guidance row (L_traj uses them under topk and sampled alike)."""
