@@ -2,8 +2,10 @@
 and the new weight_version comes back in every rollout record."""
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -37,22 +39,37 @@ def assert_serves(target, state, version: str) -> None:
     assert {r.weight_version for r in records} == {version}
 
 
+def wait_until_decoding(url: str, timeout_s: float = 60.0) -> None:
+    """Block until the server reports running requests (SGLang's /v1/loads), instead of sleeping a guessed time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{url}/v1/loads?include=core", timeout=5) as response:
+            loads = json.load(response)["loads"]
+        if sum(load.get("num_running_reqs", 0) for load in loads) > 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no request started decoding on {url} within {timeout_s} s")
+
+
 def test_disk_sync_pauses_and_continues_generation_in_flight(rollout_target, tmp_path):
     state = random_state_dict(rollout_target.spec, seed=101)
     client = rollout_target.client()
-    long = SamplingParams(max_new_tokens=256, temperature=0.0, n=1, ignore_eos=True)
+    # near the context length (512; SGLang keeps a few positions back), so that even a fast machine is still
+    # decoding when the sync pauses it
+    long = SamplingParams(max_new_tokens=448, temperature=0.0, n=1, ignore_eos=True)
     result, finished = {}, {}
 
     def generate():
-        result["gens"] = client.generate([PROMPTS[0]] * 4, long)
+        result["gens"] = client.generate([PROMPTS[0]] * 8, long)
         finished["t"] = time.monotonic()
 
     worker = threading.Thread(target=generate)
     worker.start()
-    time.sleep(0.5)  # requests are now decoding on the server
+    wait_until_decoding(rollout_target.url)
     sync = DiskWeightSync([rollout_target.url], tmp_path / "sync", model_path=rollout_target.model_dir,
                           bucket_bytes=200_000)
     sync_started = time.monotonic()
+    assert worker.is_alive(), "the generation ended before the sync began: nothing was in flight to pause"
     stats = sync.sync(iter(state.items()), "disk-1")
     worker.join(timeout=300)
     assert stats.method == "disk" and stats.num_tensors == len(state) and stats.num_buckets > 1
@@ -62,7 +79,7 @@ def test_disk_sync_pauses_and_continues_generation_in_flight(rollout_target, tmp
     # the in-flight generation was paused, not lost: every sample is back once, full length, finished after the sync
     assert finished["t"] > sync_started
     gens = result["gens"]
-    assert len(gens) == 4 and all(len(row) == 1 and len(row[0].token_ids) == 256 for row in gens)
+    assert len(gens) == 8 and all(len(row) == 1 and len(row[0].token_ids) == long.max_new_tokens for row in gens)
     assert {row[0].weight_version for row in gens} == {"disk-1"}
     assert_serves(rollout_target, state, "disk-1")
 
