@@ -184,9 +184,7 @@ class Config:
             self.rollout.model_path = self.train.student_hf_path
         for section in (self.parallel, self.precision, self.optim, self.train, self.teacher, self.topd, self.launch):
             section.validate()
-        if self.teacher.placement == "remote" and self.topd.embedding_source == "teacher":
-            raise ValueError("topd.embedding_source=teacher needs the teacher's embedding table in the trainer "
-                             "(teacher.placement=colocated); with a remote teacher use embedding_source=student")
+        self.topd.embedding_table(self.teacher.placement)  # teacher table + remote teacher: a clear error, early
         # The paths are empty until the demo or the launcher fills them in: check everything else already.
         self.rollout.validate(require_model=bool(self.train.student_hf_path))
         # Rows: prompt + response; guidance rows: prefix (< the rollout) + window. Prompts longer than what is left

@@ -20,16 +20,18 @@ def select_candidates(
     response_mask: torch.Tensor,
     *,
     top_k: int | None = 3,
-    min_gap: int = 8,
+    min_gap: int | None = 8,
     fraction: float | None = None,
 ) -> list[list[int]]:
     """Per sequence, the chosen response positions (token-aligned), highest loss first.
 
     ``fraction=None``: up to ``top_k`` per sequence (fewer when fewer eligible positions fit the spacing).
     ``fraction=f``: the top ``floor(f * n_response_tokens)`` positions of the whole batch, same spacing rule;
-    ``top_k`` is then a per-sequence cap (``None`` = no cap).
+    ``top_k`` is then a per-sequence cap (``None`` = no cap). ``min_gap=None`` (or 1): no spacing.
     """
     token_loss, mask = checks.token_inputs(token_loss, response_mask)
+    if min_gap is None:  # no spacing
+        min_gap = 1
     if isinstance(min_gap, bool) or not isinstance(min_gap, int) or min_gap < 1:
         raise ValueError(f"min_gap={min_gap!r}: use an integer >= 1 (1 means adjacent candidates are allowed)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):

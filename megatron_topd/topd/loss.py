@@ -3,8 +3,11 @@
 ``L = sum_t w_t l_t / N_tokens + lambda * L_traj`` with ``L_traj = (1 / N_windows) * sum_n sum_p u_{n,p} KL_{n,p}``:
 ``l_t`` the token-aligned reverse KL, ``w_t`` the suppression weights, ``N_tokens`` the number of response tokens
 (not the sum of weights: suppression removes a token's signal, it does not re-scale the others), ``KL_{n,p}`` the
-forward KL ``KL(pi_T || pi_S)`` of guidance row ``n`` at logit position ``p`` and ``u`` its position weights (each row
-sums to 1, so ``L_traj`` is a mean over divergent windows of a weighted mean over each window).
+forward KL ``KL(pi_T || pi_S)`` of guidance row ``n`` at logit position ``p`` and ``u`` its position weights.
+``traj_normalization``: ``window_mean`` (each row sums to 1, so ``L_traj`` is a mean over divergent windows of a
+weighted mean over each window) or ``sum`` (each row sums to its window length ``K_n``: a mean over windows of a
+weighted sum over each window; uniform weights are 1 per position). The normalisation lives in the weights
+(`windows.position_weights`); this function checks that the rows follow it.
 Weights are constants of the step: they must not require grad.
 """
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_topd.topd import checks
-from megatron_topd.topd.config import VARIANTS
+from megatron_topd.topd.config import TRAJ_NORMALIZATIONS, VARIANTS
 
 
 def topd_loss(
@@ -28,6 +31,8 @@ def topd_loss(
     divergent: torch.Tensor | None = None,
     num_tokens: int | None = None,
     num_windows: int | None = None,
+    traj_normalization: str = "window_mean",
+    traj_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss and the step's diagnostics.
 
@@ -35,7 +40,13 @@ def topd_loss(
     ``"topd"`` also needs ``traj_kl``/``traj_weights`` ``[N, L]`` (``N = 0`` when no candidate is divergent).
     ``num_tokens``/``num_windows`` override the local normalisers (e.g. with counts summed over data-parallel ranks
     or micro-batches). ``ot_distances``/``divergent`` (per candidate) only feed the metrics.
+    ``traj_normalization`` (``topd.traj_normalization``) is the contract of ``traj_weights``' rows: sum 1
+    (``window_mean``) or the window length (``sum``), counted from ``traj_mask`` (``GuidanceBatch.logit_mask``) when
+    given, else from the positions with a non-zero weight.
     """
+    if traj_normalization not in TRAJ_NORMALIZATIONS:
+        raise ValueError(f"traj_normalization={traj_normalization!r} is not supported: use one of "
+                         f"{', '.join(TRAJ_NORMALIZATIONS)}")
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported: use one of {', '.join(VARIANTS)}")
     token_loss, mask = checks.token_inputs(token_loss, response_mask)
@@ -60,7 +71,7 @@ def topd_loss(
     traj = zero
     n_windows = 0
     if variant == "topd":
-        traj, n_windows = _trajectory(traj_kl, traj_weights, num_windows, loss_f)
+        traj, n_windows = _trajectory(traj_kl, traj_weights, num_windows, loss_f, traj_normalization, traj_mask)
         loss = opd + float(lambda_traj) * traj
     else:
         loss = opd
@@ -76,7 +87,8 @@ def topd_loss(
     return loss, metrics
 
 
-def _trajectory(traj_kl, traj_weights, num_windows, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _trajectory(traj_kl, traj_weights, num_windows, like: torch.Tensor, normalization: str = "window_mean",
+                traj_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     if traj_kl is None or traj_weights is None:
         raise ValueError(
             "variant='topd' needs traj_kl and traj_weights (forward KL on the guidance batch and its logit_weights); "
@@ -98,9 +110,18 @@ def _trajectory(traj_kl, traj_weights, num_windows, like: torch.Tensor) -> tuple
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError("traj_weights must be finite and non-negative")
     sums = w.sum(dim=1)
-    if not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-4)):
-        bad = int((sums - 1).abs().argmax())
-        raise ValueError(f"traj_weights row {bad} sums to {float(sums[bad]):.6f}: each window's weights must sum to 1")
+    if normalization == "window_mean":
+        target, rule = torch.ones_like(sums), "1 (traj_normalization=window_mean)"
+    else:
+        if traj_mask is not None and traj_mask.shape != w.shape:
+            raise ValueError(f"traj_mask shape {tuple(traj_mask.shape)} != traj_weights shape {tuple(w.shape)}")
+        target = (used if traj_mask is None else traj_mask.bool()).sum(dim=1).to(w.dtype)
+        rule = "its number of window positions (traj_normalization=sum)"
+    if not bool(torch.allclose(sums, target, rtol=1e-5, atol=1e-4)):
+        bad = int((sums - target).abs().argmax())
+        raise ValueError(f"traj_weights row {bad} sums to {float(sums[bad]):.6f}, expected {float(target[bad]):g}: "
+                         f"each window's weights must sum to {rule}; build them with the same normalisation "
+                         "(windows.position_weights / build_guidance)")
     bad = used & ~torch.isfinite(traj_kl.detach())
     if bool(bad.any()):
         r, p = (int(i) for i in bad.nonzero()[0])

@@ -6,6 +6,9 @@ With ``group`` (the TP group), only the group's first rank talks to the samplers
 every TP rank holds identical windows; all ranks must call (the embedding lookup all-reduces). The teacher's and the
 student's window requests go out at once (two threads; each client spreads its requests over all its servers), and
 the OT solves are split over the group's ranks (`divergence.window_divergence`, docs/throughput.md).
+With ``dp_group`` (the data-parallel group) the suppression is decided once over the whole batch: every replica's
+candidate distances are all-gathered (`gather_distances`), `weights.divergence_weights` runs on the global vector
+(same seed, same answer on every rank) and each replica keeps its own slice.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from megatron_topd.topd.candidates import select_candidates
 from megatron_topd.topd.config import TopdConfig
 from megatron_topd.topd.divergence import window_divergence
 from megatron_topd.topd.sampler import ContinuationSampler
-from megatron_topd.topd.weights import divergence_weights, token_weights
+from megatron_topd.topd.weights import divergence_weights, ot_statistics, token_weights
 from megatron_topd.topd.windows import GuidanceBatch, ProbeRequests, build_guidance, build_requests, check_continuations
 
 
@@ -34,10 +37,12 @@ class ProbeResult:
     student_windows: list[list[list[int]]]
     ot_distances: torch.Tensor  # [C] float64
     candidate_weights: torch.Tensor  # [C] float32
-    divergent: torch.Tensor  # [C] bool
+    divergent: torch.Tensor  # [C] bool: not suppressed (guidance windows under variant "topd")
     token_weights: torch.Tensor  # [B, T] float32, token-aligned
     guidance: GuidanceBatch | None  # variant "topd" only
     timings: dict[str, float] = field(default_factory=dict)  # window_s (generation), ot_s (divergence)
+    # OT distance quantiles and group means over the whole batch (all replicas): `weights.ot_statistics`
+    ot_stats: dict[str, float] = field(default_factory=dict)
 
 
 def run_probe(
@@ -52,11 +57,15 @@ def run_probe(
     pad_id: int,
     seed: int | None = None,
     group=None,
+    dp_group=None,
 ) -> ProbeResult:
     """Probe the candidates of a scored batch (token-aligned ``token_loss``/``response_mask``, see `positions`).
 
     The teacher sampler gets ``seed``, the student's ``seed + 1``. Samplers may be None on ranks that are not the
-    group's first rank. ``embed(ids) -> rows`` is the (vocabulary-parallel) lookup of ``cfg.embedding_source``'s table.
+    group's first rank. ``embed(ids) -> rows`` is the (vocabulary-parallel) lookup of the table
+    ``cfg.embedding_table(teacher placement)`` names. ``seed`` also drives ``suppress: random`` (and the tie fill of
+    ``high``): pass the same value on every rank. ``dp_group``: decide the suppression over all its ranks' candidates
+    (every rank of it must call; None = this call's candidates only).
     """
     cfg.validate()
     if tokens.shape != token_loss.shape:
@@ -64,10 +73,10 @@ def run_probe(
     if cfg.variant == "opd":
         return _plain(tokens, response_mask)
     if cfg.candidate_mode == "top_k":
-        candidates = select_candidates(token_loss, response_mask, top_k=cfg.top_k, min_gap=cfg.min_gap)
+        candidates = select_candidates(token_loss, response_mask, top_k=cfg.top_k, min_gap=cfg.candidate_gap)
     else:
         candidates = select_candidates(
-            token_loss, response_mask, top_k=None, min_gap=cfg.min_gap, fraction=cfg.candidate_fraction
+            token_loss, response_mask, top_k=None, min_gap=cfg.candidate_gap, fraction=cfg.candidate_fraction
         )
     requests = build_requests(tokens, candidates)
     t0 = time.perf_counter()
@@ -78,14 +87,18 @@ def run_probe(
         group=group,
     )
     timings = {"window_s": t1 - t0, "ot_s": time.perf_counter() - t1}
-    weights, divergent = divergence_weights(
-        div.distance, low_fraction=cfg.low_fraction, threshold=cfg.threshold, w_low=cfg.w_low
+    everyone, offset = gather_distances(div.distance, dp_group)
+    all_weights, all_divergent = divergence_weights(
+        everyone, low_fraction=cfg.low_fraction, threshold=cfg.threshold, w_low=cfg.w_low, suppress=cfg.suppress,
+        seed=seed,
     )
+    mine = slice(offset, offset + len(div.distance))
+    weights, divergent = all_weights[mine].clone(), all_divergent[mine].clone()
     guidance = None
     if cfg.variant == "topd":
         guidance = build_guidance(
             requests, teacher_w, divergent, weighting=cfg.position_weighting, gamma=cfg.gamma,
-            transport=div.transport, pad_id=pad_id,
+            transport=div.transport, pad_id=pad_id, normalization=cfg.traj_normalization,
         )
     return ProbeResult(
         candidates=candidates,
@@ -98,7 +111,29 @@ def run_probe(
         token_weights=token_weights(response_mask, candidates, weights),
         guidance=guidance,
         timings=timings,
+        ot_stats=ot_statistics(everyone, all_divergent),
     )
+
+
+def gather_distances(local: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """All ranks' candidate distances, concatenated in group-rank order (float64 CPU ``[C_total]``), and the offset
+    of this rank's slice. Counts may differ per rank (0 included); every rank of ``group`` must call."""
+    local = local.detach().double().cpu().reshape(-1)
+    if group is None or dist.get_world_size(group) == 1:
+        return local, 0
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    count = torch.tensor([local.numel()], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    width = max(max(counts), 1)
+    padded = torch.zeros(width, dtype=torch.float64, device=device)
+    padded[: local.numel()] = local.to(padded.device)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    everyone = torch.cat([p[:n].cpu() for p, n in zip(parts, counts)])
+    return everyone, sum(counts[:rank])
 
 
 def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group):
@@ -139,4 +174,5 @@ def _plain(tokens: torch.Tensor, response_mask: torch.Tensor) -> ProbeResult:
         divergent=empty.bool(),
         token_weights=torch.ones(response_mask.shape, dtype=torch.float32, device=response_mask.device),
         guidance=None,
+        ot_stats=ot_statistics(empty.double(), empty.bool()),
     )

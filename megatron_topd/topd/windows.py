@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_topd.topd.config import POSITION_WEIGHTINGS
+from megatron_topd.topd.config import POSITION_WEIGHTINGS, TRAJ_NORMALIZATIONS
 
 
 @dataclass
@@ -69,9 +69,11 @@ def check_continuations(
 
 
 def position_weights(
-    n: int, weighting: str, *, gamma: float = 0.9, transport: np.ndarray | None = None
+    n: int, weighting: str, *, gamma: float = 0.9, transport: np.ndarray | None = None,
+    normalization: str = "window_mean",
 ) -> np.ndarray:
-    """Per-position weights of one window of ``n`` tokens, summing to 1.
+    """Per-position weights of one window of ``n`` tokens, summing to 1 (``normalization="window_mean"``) or to ``n``
+    (``"sum"``: uniform weighting gives 1 per position, so ``L_traj`` sums the window's KL instead of averaging it).
 
     ``uniform``: 1/n. ``geometric``: proportional to ``gamma**i``. ``ot_plan``: proportional to the transport cost
     leaving teacher position i in the OT plan (``sum_j P_ij C_ij``), i.e. where the two futures disagree; a window
@@ -96,7 +98,10 @@ def position_weights(
     else:
         allowed = ", ".join(POSITION_WEIGHTINGS)
         raise ValueError(f"position weighting {weighting!r} is not supported: use one of {allowed}")
-    return w / w.sum()
+    if normalization not in TRAJ_NORMALIZATIONS:
+        raise ValueError(f"traj_normalization={normalization!r} is not supported: use one of "
+                         f"{', '.join(TRAJ_NORMALIZATIONS)}")
+    return w / w.sum() * (n if normalization == "sum" else 1)
 
 
 @dataclass
@@ -104,7 +109,8 @@ class GuidanceBatch:
     """Guidance sequences for the trajectory term: one row per (divergent candidate, teacher continuation).
 
     ``tokens [N, L]``: prefix + teacher window, right-padded with ``pad_id`` beyond ``lengths``.
-    ``logit_mask [N, L]`` (bool) and ``logit_weights [N, L]`` (float32, each row sums to 1): logit-aligned - position
+    ``logit_mask [N, L]`` (bool) and ``logit_weights [N, L]`` (float32, each row sums to 1 - or to its window length
+    under ``normalization="sum"``): logit-aligned - position
     ``p`` is set when the logits at ``p`` predict a window token ``tokens[n, p + 1]``.
     ``window_start [N]``: index in ``tokens`` of the window's first token (= the candidate ``t``);
     ``window_len [N]``; ``candidate [N]``: index into the flat candidate list; ``sample [N]``: teacher sample index.
@@ -133,11 +139,13 @@ def build_guidance(
     gamma: float = 0.9,
     transport: Sequence[Sequence[np.ndarray]] | None = None,
     pad_id: int = 0,
+    normalization: str = "window_mean",
 ) -> GuidanceBatch:
     """Rows ``prefix + y^T`` for every teacher continuation of every divergent candidate.
 
     ``transport[c][a]`` (for ``weighting="ot_plan"``): per-position transport cost of teacher window ``a`` of
-    candidate ``c`` (see `divergence.window_divergence`).
+    candidate ``c`` (see `divergence.window_divergence`). ``normalization``: `position_weights`
+    (``topd.traj_normalization``).
     """
     divergent = [bool(x) for x in (divergent.tolist() if isinstance(divergent, torch.Tensor) else divergent)]
     if len(divergent) != len(requests) or len(teacher_windows) != len(requests):
@@ -154,7 +162,8 @@ def build_guidance(
             if len(window) == 0:
                 raise ValueError(f"teacher window {a} of candidate {c} is empty: guidance needs at least one token")
             tc = None if transport is None else transport[c][a]
-            weights.append(position_weights(len(window), weighting, gamma=gamma, transport=tc))
+            weights.append(position_weights(len(window), weighting, gamma=gamma, transport=tc,
+                                            normalization=normalization))
             rows.append(list(prefix) + list(window))
             meta.append((len(prefix), len(window), c, a))
     n = len(rows)

@@ -354,9 +354,10 @@ def probe_replica(cfg: Config, step: int, rows: RolloutRows, token_loss, student
     payload = None
     if cfg.topd.variant == "opd":
         payload = {"token_weights": torch.ones(tokens.shape), "guidance": None, "n_candidates": 0, "n_divergent": 0,
-                   "ot_sum": 0.0, "timings": {}}
+                   "ot_sum": 0.0, "ot_stats": {}, "timings": {}}
     elif layout.is_first_stage:
-        table_owner = student[0] if cfg.topd.embedding_source == "student" else teacher.chunks[0]
+        # topd.embedding_source (auto: the co-located teacher's frozen table, else the student's)
+        table_owner = student[0] if cfg.topd.embedding_table(cfg.teacher.placement) == "student" else teacher.chunks[0]
         word = unwrap(table_owner).embedding.word_embeddings
         probe_tp_rank0 = ps.get_tensor_model_parallel_rank() == 0
         probe = run_probe(
@@ -367,6 +368,7 @@ def probe_replica(cfg: Config, step: int, rows: RolloutRows, token_loss, student
                                    vocab_start=word.vocab_start_index,
                                    vocab_size=padded_vocab_size(vocab, layout.tensor_parallel)),
             pad_id=pad_id, seed=cfg.train.seed * 7919 + step, group=parallel.tensor_parallel_group(),
+            dp_group=ps.get_data_parallel_group(),  # suppression decided over the whole batch
         )
         payload = _probe_payload(probe)
         g = payload["guidance"]
@@ -467,19 +469,24 @@ def _probe_payload(probe) -> dict:
         "n_candidates": int(probe.divergent.numel()),
         "n_divergent": int(probe.divergent.sum()),
         "ot_sum": float(probe.ot_distances.double().sum()) if probe.ot_distances.numel() else 0.0,
+        "ot_stats": dict(probe.ot_stats),  # over the whole batch already (the same on every rank)
         "timings": probe.timings,
     }
 
 
 def _probe_metrics(p: dict) -> dict:
-    """The paper's diagnostics, summed over data-parallel replicas."""
+    """The paper's diagnostics, summed over data-parallel replicas, and the OT distances' quantiles and the mean OT
+    of the suppressed / kept candidates over the whole batch (for calibrating topd.threshold; 0.0 without a probe)."""
     from megatron.core import parallel_state as ps
+
+    from megatron_topd.topd.weights import OT_STAT_KEYS
 
     t = torch.tensor([p["n_candidates"], p["n_divergent"], p["ot_sum"]], dtype=torch.float64, device=parallel.device())
     dist.all_reduce(t, group=ps.get_data_parallel_group())
     n, div, ot_sum = t.cpu().tolist()
+    stats = p.get("ot_stats") or {}
     return {"candidates": n, "divergent": div, "low_divergence_share": (n - div) / n if n else 0.0,
-            "mean_ot_distance": ot_sum / n if n else 0.0}
+            "mean_ot_distance": ot_sum / n if n else 0.0, **{k: float(stats.get(k, 0.0)) for k in OT_STAT_KEYS}}
 
 
 def main(command: str, config_path: str | None, overrides: list[str]) -> int:

@@ -2,7 +2,10 @@
 
     L = sum_t w_t l_t / N_tokens + lambda * (1 / N_windows) * sum_n sum_p u_{n,p} KL(pi_T || pi_S)_{n,p}
 
-with N_tokens and N_windows counted over the whole data-parallel batch. A schedule call over ``num_in_call``
+with N_tokens and N_windows (guidance rows) counted over the whole data-parallel batch. ``u`` are the guidance rows'
+``loss_weights`` and carry `topd.traj_normalization` (built by `topd.windows.position_weights`): each row sums to 1
+under ``window_mean`` (a weighted mean over the window) or to its window length K under ``sum`` (uniform: 1 per
+position, a sum over the window); either way the term is divided by N_windows (`guidance_sum`). A schedule call over ``num_in_call``
 microbatches divides each returned loss by ``num_in_call``, and DDP averages gradients over DP ranks, so each
 microbatch's sum is scaled by (num_in_call * dp_size / N): the sum over all calls, microbatches and ranks is exactly L.
 
@@ -74,11 +77,17 @@ def make_loss_fn(teachers: list[torch.Tensor] | None, scales: ObjectiveScales, *
         # guidance rows: forward KL along the teacher's continuation, at the weighted positions only
         flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["loss_index"])
         kl = guidance_kl(flat, signal, group=group, vocab_size=vocab_size, chunk_size=chunk_size)
-        weighted = (kl * batch["loss_weights"]).sum()
-        metrics.update(traj_sum=weighted.detach(), windows=batch["loss_weights"].sum().detach())
+        weighted = guidance_sum(kl, batch["loss_weights"])
+        metrics.update(traj_sum=weighted.detach(), windows=zero + batch["tokens"].shape[0])  # rows, not weight sums
         return scales.lambda_traj * weighted * (per_rank / max(scales.global_windows, 1)), metrics
 
     return loss_fn
+
+
+def guidance_sum(kl: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
+    """sum_n sum_p u_{n,p} KL_{n,p} over a guidance microbatch's weighted positions (flat ``[positions]``); the
+    weights already carry the normalisation (1 per window or 1 per position), so both modes share this sum."""
+    return (kl * loss_weights).sum()
 
 
 def total_loss(sums: dict[str, float], scales: ObjectiveScales) -> tuple[float, float, float]:

@@ -77,7 +77,7 @@ def test_config_defaults_follow_the_design_and_validation_names_the_field():
     cfg = TopdConfig().validate()
     assert (cfg.top_k, cfg.min_gap, cfg.window) == (3, 8, 50)
     assert (cfg.low_fraction, cfg.w_low, cfg.lambda_traj) == (0.3, 0.0, 1.0)
-    assert (cfg.variant, cfg.position_weighting, cfg.embedding_source) == ("topd", "uniform", "student")
+    assert (cfg.variant, cfg.position_weighting, cfg.embedding_source) == ("topd", "uniform", "auto")
     assert cfg.sampling_temperature == 1.0
     assert TopdConfig(probe_greedy=True).sampling_temperature == 0.0
     cases = [
