@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import itertools
 import json
 import math
 import os
+import secrets
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -121,6 +123,10 @@ class SGLangClient:
         ``on_prompt_done(i, generations)`` (async) runs as soon as prompt i's samples are back - e.g. to score them
         with a remote teacher while other prompts still generate; its failure fails the call."""
         params.validate(self.vocab_size)
+        if params.seed is None and not params.greedy:
+            # Unseeded = a fresh seed per call. A deterministic server gives every request without sampling_seed the
+            # same fixed seed (42 in SGLang 0.5.23), so unseeded samples of one prompt would all be equal there.
+            params = dataclasses.replace(params, seed=secrets.randbits(62))
         if params.max_new_tokens < 1:
             raise ValueError("max_new_tokens=0 generates nothing: use score() to get log-probs of given tokens")
         _check_top_logprobs(top_logprobs, self.vocab_size)
@@ -254,7 +260,8 @@ class SGLangClient:
                          "acontinue_prefixes")
 
     async def acontinue_prefixes(self, prefixes, *, max_new_tokens, n, temperature, top_p, seed):
-        params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed,
+                                stream="window")  # never the random streams of rollouts given the same seed
         gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes")
         return [[g.token_ids for g in row] for row in gens]
 

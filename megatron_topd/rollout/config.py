@@ -41,13 +41,18 @@ class RolloutConfig:
     server_log_dir: str = "runs/sglang"
     startup_timeout_s: float = 300.0
     server_seed: int = 0
+    # --enable-deterministic-inference on launched servers: each sample's sampling_seed is honoured and a sample no
+    # longer depends on what else the server batches with it (docs/rollout.md "Reproducible sampling"). Off by
+    # default: it costs the radix cache on CPU and batch-invariant (slower) kernels on GPU. With `urls`, start those
+    # servers with the flag yourself.
+    deterministic: bool = False
     # --- sampling of student rollouts (DESIGN: n=4, temperature 1.0) ---
     n_samples: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
     max_new_tokens: int = 1024
-    seed: int | None = None  # per-sample seeds are derived from it; reproducible only with deterministic servers
+    seed: int | None = None  # per-sample seeds are derived from it; honoured only with `deterministic: true`
     # --- client ---
     request_timeout_s: float = 600.0  # one HTTP request (one prompt and its n samples)
     connect_timeout_s: float = 10.0
@@ -90,6 +95,8 @@ class RolloutConfig:
         for i, port in enumerate(self.ports):
             _int_in(f"ports[{i}]", port, 1, 65535)
         _int_at_least("tp_size", self.tp_size, 1)
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"rollout.deterministic={self.deterministic!r}: use true or false")
         if self.mem_fraction_static is not None:
             _number_in("mem_fraction_static", self.mem_fraction_static, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.context_length is not None:

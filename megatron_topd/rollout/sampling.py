@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
     seed: int | None = None  # per-sample seeds derive from it (honoured by servers run with deterministic inference)
+    stream: str = ""  # names what is sampled ("" = rollouts, "window" = TOPD windows): same seed, other streams
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
@@ -57,13 +58,18 @@ class SamplingParams:
         if self.stop_token_ids:
             out["stop_token_ids"] = list(self.stop_token_ids)
         if self.seed is not None:
-            out["sampling_seed"] = derive_seed(self.seed, prompt_index, sample_index)
+            out["sampling_seed"] = derive_seed(self.seed, prompt_index, sample_index, self.stream)
         return out
 
 
-def derive_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """A distinct, reproducible seed per (prompt, sample): n samples of one prompt must not share a seed."""
-    digest = hashlib.blake2b(f"{seed}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+def derive_seed(seed: int, prompt_index: int, sample_index: int, stream: str = "") -> int:
+    """A distinct, reproducible seed per (prompt, sample): n samples of one prompt must not share a seed.
+
+    ``prompt_index`` is the prompt's position in one client call, so callers vary ``seed`` per call (the training
+    loop uses ``seed * 100003 + step``). ``stream`` separates kinds of sampling that may be given equal integer seeds
+    (rollouts and TOPD windows): with another stream every derived seed differs."""
+    key = f"{seed}:{prompt_index}:{sample_index}" if not stream else f"{stream}:{seed}:{prompt_index}:{sample_index}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2  # [0, 2**62): fits SGLang's int64 check
 
 

@@ -66,6 +66,7 @@ class SGLangServer:
         mem_fraction_static: float | None = None,
         context_length: int | None = None,
         seed: int = 0,
+        deterministic: bool = False,
         extra_args: list[str] | tuple[str, ...] = (),
         log_dir: str | os.PathLike = "runs/sglang",
         startup_timeout_s: float = 300.0,
@@ -83,6 +84,7 @@ class SGLangServer:
         self.mem_fraction_static = mem_fraction_static
         self.context_length = context_length
         self.seed = seed
+        self.deterministic = deterministic
         self.extra_args = list(extra_args)
         self.log_path = Path(log_dir) / f"sglang-{self.host}-{self.port}.log"
         self.startup_timeout_s = startup_timeout_s
@@ -105,6 +107,7 @@ class SGLangServer:
             mem_fraction_static=cfg.mem_fraction_static,
             context_length=cfg.context_length,
             seed=cfg.server_seed,
+            deterministic=cfg.deterministic,
             extra_args=cfg.extra_server_args,
             log_dir=cfg.server_log_dir,
             startup_timeout_s=cfg.startup_timeout_s,
@@ -125,6 +128,8 @@ class SGLangServer:
             cmd += ["--mem-fraction-static", str(mem)]
         if self.context_length is not None:
             cmd += ["--context-length", str(self.context_length)]
+        if self.deterministic:  # per-request sampling_seed honoured, batch-invariant kernels (docs/rollout.md)
+            cmd += ["--enable-deterministic-inference"]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -137,6 +142,8 @@ class SGLangServer:
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_SHIMS_DIR), env.get("PYTHONPATH", "")) if p)
+            if self.deterministic:  # lets torch_native serve --enable-deterministic-inference (cpu_shims/README.md)
+                env["MEGATRON_TOPD_CPU_DETERMINISTIC"] = "1"
         env.update(self.env)
         return env
 
