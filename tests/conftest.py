@@ -16,8 +16,28 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> dict:
-    """The CPU demo's tiny student and teacher (HF + converted Megatron checkpoints) and prompts, built once for the
-    integration and Slurm tiers."""
-    from megatron_topd.demo import build_assets
+    """A tiny random student and teacher (HF + converted Megatron checkpoints) and prompts, built once for the
+    integration and Slurm tiers (the mechanics; the demo's trained task models are tested in test_demo_task.py)."""
+    from megatron_topd.testing.tiny_assets import build_tiny_assets
 
-    return build_assets(tmp_path_factory.mktemp("demo_assets"))
+    return build_tiny_assets(tmp_path_factory.mktemp("demo_assets"))
+
+
+TASK_ASSET_ARGS = ["--digits", "2", "--teacher-steps", "250", "--student-steps", "30", "--n-train", "3000",
+                   "--n-heldout", "60", "--n-prompts", "100"]
+
+
+@pytest.fixture(scope="session")
+def task_assets(tmp_path_factory) -> dict:
+    """The demo's task assets at a small recipe (2-digit addition, ~20 s of SFT): a trained teacher and a
+    warm-started student, through megatron_topd.tasks.assets' command line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megatron_topd.tasks.assets import asset_paths
+
+    out = tmp_path_factory.mktemp("task_assets") / "assets"
+    subprocess.run([sys.executable, "-m", "megatron_topd.tasks.assets", "--out", str(out), *TASK_ASSET_ARGS],
+                   cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True)
+    return asset_paths(out)
