@@ -22,6 +22,7 @@ from megatron_topd.models.spec import ModelSpec
 from megatron_topd.rollout.config import RolloutConfig
 from megatron_topd.topd.config import TopdConfig
 from megatron_topd.train.estimators import KL_ESTIMATORS
+from megatron_topd.train.evaluation import EvalConfig
 from megatron_topd.train.optim import OptimConfig
 
 
@@ -178,11 +179,13 @@ class Config:
     topd: TopdConfig = field(default_factory=TopdConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)  # Slurm role split (megatron_topd/launch/)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out accuracy on the servers (train/evaluation.py)
 
     def validate(self) -> "Config":
         if not self.rollout.model_path and not self.rollout.urls:  # the student's servers start from its HF folder
             self.rollout.model_path = self.train.student_hf_path
-        for section in (self.parallel, self.precision, self.optim, self.train, self.teacher, self.topd, self.launch):
+        for section in (self.parallel, self.precision, self.optim, self.train, self.teacher, self.topd, self.launch,
+                        self.eval):
             section.validate()
         self.topd.embedding_table(self.teacher.placement)  # teacher table + remote teacher: a clear error, early
         # The paths are empty until the demo or the launcher fills them in: check everything else already.

@@ -4,7 +4,7 @@
     -> score_replica (teacher + student forward, per-token l_t only; skipped for plain OPD)
     -> probe_replica (candidates, near-future windows from the SGLang servers, OT divergence, weights, guidance rows)
     -> train_on_replica (teacher + student over groups of microbatches, TOPD loss, backward, guarded optimizer step)
-    -> weight sync to the student servers -> step_metrics, checkpoint
+    -> weight sync to the student servers -> held-out accuracy (every eval.interval steps) -> step_metrics, checkpoint
 
 Memory (docs/training_step.md): nothing of size [rows, S, V/TP] outlives `train.teacher_group_microbatches`
 microbatches; what crosses phases is token ids and per-token scalars.
@@ -120,15 +120,20 @@ def train(cfg: Config) -> list[dict]:
     dataset = prompt_dataset(cfg, tokenizer)
     start_step = resume(cfg, ckpt_root, student, optimizer, scheduler, dataset)
 
+    heldout = held_out_eval(cfg, tokenizer)
     rollouts = Rollouts(cfg) if rank0 else None
     try:
         student_client, teacher_client, student_urls = connect_servers(cfg, rollouts, vocab)
         teacher = teacher or remote_teacher(cfg, teacher_client, tokenizer, vocab)
         weight_sync = make_weight_sync(replace(cfg.rollout, model_path=cfg.train.student_hf_path), student_urls)
-        if start_step > 0:  # servers start from the initial HF weights: bring them to the resumed student
+        # Servers we launched start from the student's HF weights; a resumed student, or servers we were pointed at
+        # (a fleet that may hold any weights, e.g. a previous run's), are brought to this student first.
+        if start_step > 0 or cfg.rollout.urls:
             weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(start_step))
         logger = MetricsLogger(out, enabled=rank0, total_steps=cfg.train.steps, start_step=start_step,
                                wandb_project=cfg.train.wandb_project, config=cfg)
+        if heldout is not None and start_step == 0:                                             # 0. baseline
+            logger.log(0, evaluate_heldout(heldout, student_client, teacher_client if cfg.eval.teacher else None))
         from megatron_topd.rollout.async_rollouts import make_rollout_source
 
         rollout_source = make_rollout_source(cfg, dataset, student_client, out, vocab, rank0,  # train.async_rollouts
@@ -157,7 +162,10 @@ def train(cfg: Config) -> list[dict]:
                 sync_stats = weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(step + 1))
             timings["sync_s"] = time.perf_counter() - t
 
-            metrics = step_metrics(result, pass_stats, batch, probe, timings, time.perf_counter() - t0)  # 9.
+            if heldout is not None and cfg.eval.due(step + 1, cfg.train.steps):                   # 9. held-out
+                t = time.perf_counter()
+                timings.update(evaluate_heldout(heldout, student_client), eval_s=time.perf_counter() - t)
+            metrics = step_metrics(result, pass_stats, batch, probe, timings, time.perf_counter() - t0)  # 10.
             metrics["planned_peak_gb"] = planned_gb
             if sync_stats is not None:
                 metrics["sync_mb"] = sync_stats.num_bytes / 2**20
@@ -248,6 +256,16 @@ def load_tokenizer(cfg: Config):
                          "models of one tokenizer family")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
+
+
+def held_out_eval(cfg: Config, tokenizer):
+    """The held-out problems (eval.heldout_path), or None when the run has none."""
+    from megatron_topd.train.evaluation import HeldOutEval
+
+    if not cfg.eval.enabled:
+        return None
+    return HeldOutEval(cfg.eval, tokenizer, chat_template=bool(getattr(tokenizer, "chat_template", None)),
+                       max_new_tokens=cfg.rollout.max_new_tokens)
 
 
 def prompt_dataset(cfg: Config, tokenizer):
@@ -413,6 +431,17 @@ def train_on_replica(cfg: Config, student, optimizer, scheduler, teacher, rows: 
                           chunk_size=cfg.train.loss_chunk_size, on_nonfinite=cfg.train.on_nonfinite)
     return result, {"response_tokens": n_tokens, "guidance_windows": n_windows, "train_tokens": real,
                     "padding_fraction": 1.0 - real / max(padded, 1)}
+
+
+def evaluate_heldout(heldout, student_client, teacher_client=None) -> dict:
+    """Held-out accuracy by greedy decoding on the servers (the student's hold this step's weights after the sync);
+    rank 0 asks, every rank gets the same numbers."""
+    out = None
+    if dist.get_rank() == 0:
+        out = {"heldout_accuracy": heldout.accuracy(student_client)}
+        if teacher_client is not None:
+            out["teacher_heldout_accuracy"] = heldout.accuracy(teacher_client)
+    return _broadcast(out)
 
 
 def step_metrics(result, pass_stats: dict, batch: StepBatch, probe: dict, timings: dict, step_s: float) -> dict:

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-PLOTTED = ("loss", "opd_loss", "traj_loss", "mean_token_kl", "low_divergence_share", "mean_ot_distance")
+PLOTTED = ("heldout_accuracy", "loss", "opd_loss", "traj_loss", "mean_token_kl", "low_divergence_share", "mean_ot_distance")
 
 
 class MetricsLogger:
@@ -106,6 +106,11 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker="o")
+        if key == "heldout_accuracy":  # the teacher's accuracy is the ceiling the student climbs towards
+            teacher = [r["teacher_heldout_accuracy"] for r in rows if "teacher_heldout_accuracy" in r]
+            if teacher:
+                ax.axhline(teacher[-1], color="gray", linestyle="--", label="teacher")
+                ax.legend(loc="lower right", fontsize=7)
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
