@@ -34,6 +34,9 @@ CPU_DEFAULT_ARGS = (
     "--disable-cuda-graph",
     "--skip-server-warmup",
     "--max-total-tokens", "4096",
+    # An idle scheduler otherwise polls its sockets at ~80% of a core: on a CPU machine that shares its cores with
+    # the trainer, every training pass would compete with every idle server.
+    "--sleep-on-idle",
 )
 _LIVE: "weakref.WeakSet[SGLangServer]" = weakref.WeakSet()
 _HANDLERS_INSTALLED = False
