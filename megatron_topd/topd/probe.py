@@ -61,7 +61,7 @@ def run_probe(
 ) -> ProbeResult:
     """Probe the candidates of a scored batch (token-aligned ``token_loss``/``response_mask``, see `positions`).
 
-    The teacher sampler gets ``seed``, the student's ``seed + 1``. Samplers may be None on ranks that are not the
+    The teacher sampler gets ``2 * seed``, the student's ``2 * seed + 1`` (no two steps' windows share a seed). Samplers may be None on ranks that are not the
     group's first rank. ``embed(ids) -> rows`` is the (vocabulary-parallel) lookup of the table
     ``cfg.embedding_table(teacher placement)`` names. ``seed`` also drives ``suppress: random`` (and the tie fill of
     ``high``): pass the same value on every rank. ``dp_group``: decide the suppression over all its ranks' candidates
@@ -151,9 +151,10 @@ def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group):
         # event loop in its own thread; the two clients share no state).
         # One sampler object on both sides (a client's pool is per event loop) is called one side at a time.
         with ThreadPoolExecutor(max_workers=1 if teacher is student else 2, thread_name_prefix="probe-windows") as pool:
-            t_job = pool.submit(teacher.continue_prefixes, requests.prefixes, seed=seed, **kwargs)
+            t_job = pool.submit(teacher.continue_prefixes, requests.prefixes,
+                                seed=None if seed is None else 2 * seed, **kwargs)
             s_job = pool.submit(student.continue_prefixes, requests.prefixes,
-                                seed=None if seed is None else seed + 1, **kwargs)
+                                seed=None if seed is None else 2 * seed + 1, **kwargs)
             payload = [t_job.result(), s_job.result()]
         for who, w in zip(("teacher", "student"), payload):
             check_continuations(w, len(requests), cfg.samples_per_side, cfg.window, who)
