@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 MCORE_VERSION := 0.19.2
 
-.PHONY: setup setup-sglang setup-nemorun setup-slurm test test-fast test-slurm demo clean-env
+.PHONY: setup setup-sglang setup-nemorun setup-slurm test test-fast test-slurm demo experiment clean-env
 
 setup: $(VENV)/.stamp
 
@@ -52,6 +52,10 @@ test-fast: setup
 
 demo: setup setup-sglang
 	$(PY) -m megatron_topd.cli demo --config examples/cpu_demo.yaml
+
+# The TOPD-vs-OPD comparison (5 variants x 3 seeds on the demo's task; docs/results.md). ARGS: e.g. --seeds 0,1,2,3
+experiment: setup setup-sglang
+	$(PY) -m megatron_topd.cli experiment $(ARGS)
 
 clean-env:
 	rm -rf $(VENV) $(VENV_SGLANG) $(VENV_NEMORUN)

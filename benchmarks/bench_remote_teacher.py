@@ -61,7 +61,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from megatron_topd.demo import build_assets
+    from megatron_topd.testing.tiny_assets import build_tiny_assets as build_assets
     from megatron_topd.parallel.spawn import run_on_ranks
     from megatron_topd.rollout import SGLangClient, SGLangServer
 

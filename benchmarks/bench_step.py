@@ -1,7 +1,7 @@
 """OPD and TOPD steps on the same tiny CPU setup (TP=2 over gloo, real SGLang servers), sync and async rollouts, in
 one run: per-phase times and the ratios issue 14 asks for.
 
-Setup: examples/cpu_demo.yaml with the demo's tiny models (megatron_topd/demo.py `build_assets`): 4 prompts x 4
+Setup: examples/cpu_demo.yaml with the demo's tiny models (megatron_topd/testing/tiny_assets.py): 4 prompts x 4
 samples, 48 new tokens, TOPD top-2 candidates, window 16. Each configuration is a fresh 2-rank run that starts its
 own servers; the first step of each run is a warm-up and is left out of the means.
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from megatron_topd.demo import build_assets
+    from megatron_topd.testing.tiny_assets import build_tiny_assets as build_assets
     from megatron_topd.parallel.spawn import run_on_ranks
     from tests.integration.conftest import sglang_python
 

@@ -1,4 +1,5 @@
-"""`megatron-topd` entry point: `train` (a config file + dotted overrides) and `demo` (the CPU demo)."""
+"""`megatron-topd` entry point: `train` (a config file + dotted overrides), `demo` (the CPU demo) and `experiment`
+(the TOPD-vs-OPD comparison, megatron_topd/experiment.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["experiment"]:  # its own options (variants, seeds): megatron_topd/experiment.py
+        _quiet_library_warnings()
+        from megatron_topd import experiment
+
+        return experiment.main(argv[1:])
     parser = argparse.ArgumentParser(prog="megatron-topd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("experiment", help="the TOPD-vs-OPD comparison (see megatron-topd experiment --help)")
     for name in ("train", "demo"):
         p = sub.add_parser(name)
         p.add_argument("--config", required=name == "train", help="YAML config file")

@@ -1,15 +1,18 @@
-"""The CPU demo (`make demo`): a real TOPD run, small.
+"""The CPU demo (`make demo`): a real TOPD run in which a small student gets better at a task.
 
-Builds, offline, a tiny random Llama student and a bigger tiny random Llama teacher that share one BPE tokenizer,
-converts both to Megatron checkpoints with tools/convert_hf_to_megatron.py, writes arithmetic prompts, then launches
-the trainer with torchrun on 2 CPU ranks (TP=2 over gloo). Rank 0 starts two real SGLang CPU servers (student and
-teacher). Output: runs/demo/ (metrics.jsonl, metrics.png, tensorboard/, rollouts/, checkpoints/).
+1. Assets (megatron_topd/tasks/assets.py, built once and cached under runs/demo/assets): 4-digit addition with a
+   digit-by-digit chain of thought, one character-level tokenizer, a teacher trained on it through the project's own
+   Megatron step (SFT) and exported to HF, and a smaller student given a short SFT warm start.
+2. TOPD through the real system: torchrun on 2 CPU ranks (TP=2 over gloo); rank 0 starts the SGLang CPU servers of
+   the student (rollouts, windows, evaluation) and of the teacher (windows). Held-out accuracy is measured by greedy
+   decoding on the student's server before training and every `eval.interval` steps.
+3. A table: accuracy before -> after, and the teacher's. Output: runs/demo/run (metrics.jsonl, metrics.png with the
+   accuracy curve beside the diagnostics, tensorboard/, rollouts/, checkpoints/).
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -19,46 +22,72 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_assets(root: Path) -> dict[str, Path]:
-    from megatron_topd.testing.tiny_hf import build_tiny_model
+    """The task's models and prompt files (a subprocess: it runs its own one-rank process group)."""
+    from megatron_topd.tasks.assets import asset_paths
 
-    paths = {"student_hf": root / "student_hf", "teacher_hf": root / "teacher_hf",
-             "student_ckpt": root / "student_megatron", "teacher_ckpt": root / "teacher_megatron",
-             "prompts": root / "prompts.jsonl"}
-    # One tokenizer (it is trained from the seed): the teacher differs in size and weights, not in vocabulary.
-    if not (paths["student_hf"] / "config.json").exists():
-        build_tiny_model(paths["student_hf"], arch="llama", seed=0)
-    if not (paths["teacher_hf"] / "config.json").exists():
-        build_tiny_model(paths["teacher_hf"], arch="llama", seed=0, hidden_size=96, intermediate_size=192,
-                         num_layers=3)
-    for hf, ckpt in (("student_hf", "student_ckpt"), ("teacher_hf", "teacher_ckpt")):
-        if not (paths[ckpt] / "latest_step.txt").exists():
-            subprocess.run([sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), "--hf", str(paths[hf]),
-                            "--out", str(paths[ckpt]), "--dtype", "fp32"], check=True)
-    if not paths["prompts"].exists():
-        rng = random.Random(0)
-        with open(paths["prompts"], "w") as f:
-            for _ in range(64):
-                a, b = rng.randint(2, 99), rng.randint(2, 99)
-                f.write(json.dumps({"prompt": f"What is {a} plus {b}? Think step by step."}) + "\n")
-    return paths
+    subprocess.run([sys.executable, "-m", "megatron_topd.tasks.assets", "--out", str(root)], cwd=REPO, check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    return asset_paths(root)
+
+
+def asset_overrides(paths: dict[str, Path]) -> list[str]:
+    """The config fields the assets fill in (the same for the demo, the experiment and the tests)."""
+    return [f"train.student_checkpoint={paths['student_ckpt']}", f"train.student_hf_path={paths['student_hf']}",
+            f"teacher.checkpoint={paths['teacher_ckpt']}", f"teacher.hf_path={paths['teacher_hf']}",
+            f"rollout.model_path={paths['student_hf']}", f"train.prompts_path={paths['prompts']}",
+            f"eval.heldout_path={paths['heldout']}"]
+
+
+def torchrun(config_path: str, overrides: list[str], world: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+            "-m", "megatron_topd.cli", "train", "--config", config_path, *overrides]
+
+
+def world_size(config_path: str, overrides: list[str]) -> int:
+    """Ranks = TP x PP x (data parallel 1): what the config asks for, after overrides."""
+    from megatron_topd.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    return cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+
+
+def summary(run_dir: Path) -> dict:
+    """Accuracy before -> after and the teacher's, from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    acc = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
+    teacher = [r["teacher_heldout_accuracy"] for r in rows if "teacher_heldout_accuracy" in r]
+    steps = [r for r in rows if "step_s" in r]
+    return {"before": acc[0][1], "after": acc[-1][1], "curve": acc, "teacher": teacher[0] if teacher else None,
+            "steps": len(steps), "mean_step_s": sum(r["step_s"] for r in steps) / max(len(steps), 1)}
+
+
+def print_summary(s: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="TOPD demo: held-out accuracy (greedy, exact answer)")
+    for col in ("student before", "student after", "change", "teacher", "steps", "s/step"):
+        table.add_column(col, justify="right")
+    teacher = "-" if s["teacher"] is None else f"{s['teacher']:.1%}"
+    table.add_row(f"{s['before']:.1%}", f"{s['after']:.1%}", f"{100 * (s['after'] - s['before']):+.1f} pts", teacher,
+                  str(s["steps"]), f"{s['mean_step_s']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print("curve: " + "  ".join(f"{step}:{a:.0%}" for step, a in s["curve"]))
+    console.print(f"plots: {run_dir / 'metrics.png'}   metrics: {run_dir / 'metrics.jsonl'}   "
+                  f"tensorboard --logdir {run_dir / 'tensorboard'}")
 
 
 def main(config_path: str | None, overrides: list[str]) -> int:
     config_path = config_path or str(REPO / "examples" / "cpu_demo.yaml")
     root = REPO / "runs" / "demo"
-    root.mkdir(parents=True, exist_ok=True)
     paths = build_assets(root / "assets")
-    shutil.rmtree(root / "run", ignore_errors=True)  # every `make demo` is a fresh run (assets are reused)
-    world = 2
-    for item in overrides:
-        if item.startswith("parallel.tensor_parallel="):
-            world = int(item.split("=", 1)[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "megatron_topd.cli", "train", "--config", config_path,
-           f"train.student_checkpoint={paths['student_ckpt']}", f"train.student_hf_path={paths['student_hf']}",
-           f"teacher.checkpoint={paths['teacher_ckpt']}", f"teacher.hf_path={paths['teacher_hf']}",
-           f"rollout.model_path={paths['student_hf']}", f"train.prompts_path={paths['prompts']}",
-           f"train.output_dir={root / 'run'}", *overrides]
+    run_dir = root / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # every `make demo` is a fresh run (assets are reused)
+    overrides = [*asset_overrides(paths), f"train.output_dir={run_dir}", *overrides]
+    cmd = torchrun(config_path, overrides, world_size(config_path, overrides))
     print("+", " ".join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env).returncode
+    code = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if code == 0:
+        print_summary(summary(run_dir), run_dir)
+    return code

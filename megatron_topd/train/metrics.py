@@ -105,7 +105,8 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     keys = [k for k in PLOTTED if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
-        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], marker="o")
+        steps = [r["step"] for r in rows if key in r]
+        ax.plot(steps, [r[key] for r in rows if key in r], marker="o" if len(steps) <= 30 else None)
         if key == "heldout_accuracy":  # the teacher's accuracy is the ceiling the student climbs towards
             teacher = [r["teacher_heldout_accuracy"] for r in rows if "teacher_heldout_accuracy" in r]
             if teacher:

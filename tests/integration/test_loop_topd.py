@@ -22,6 +22,7 @@ def demo_overrides(assets: dict, tmp_path, *, colocated: bool = True) -> list[st
         f"teacher.hf_path={assets['teacher_hf']}", f"train.prompts_path={assets['prompts']}",
         f"train.output_dir={tmp_path / 'run'}", f"rollout.server_python={sglang_python()}",
         f"rollout.server_log_dir={tmp_path}/logs", "train.prompts_per_step=2", "rollout.n_samples=2",
+        "topd.lambda_traj=1",
     ]
 
 

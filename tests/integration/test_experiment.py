@@ -1,0 +1,46 @@
+"""`megatron-topd experiment` end to end on real SGLang CPU servers (started once) and the demo's task at a small
+recipe: held-out accuracy is measured on the servers exactly as transformers measures it, every run starts from the
+same student (the reused servers are re-synced), and the report is written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_topd import experiment
+from tests.distributed.test_task_assets import hf_accuracy
+from tests.integration.conftest import sglang_python
+
+
+@pytest.mark.slow
+@pytest.mark.sglang
+def test_experiment_runs_variants_on_shared_servers_and_reports(tmp_path, task_assets):
+    out = tmp_path / "exp"
+    code = experiment.main([
+        "--assets", str(task_assets["root"]), "--variants", "topd,opd", "--seeds", "3", "--out", str(out),
+        "train.steps=2", "eval.interval=1", "train.prompts_per_step=4", "rollout.n_samples=2", "rollout.max_new_tokens=32",
+        f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
+    ])
+    assert code == 0
+    rows = {v: [json.loads(line) for line in open(out / f"{v}-seed3" / "metrics.jsonl")] for v in ("topd", "opd")}
+    student = hf_accuracy(task_assets["student_hf"], task_assets["heldout"])
+    teacher = hf_accuracy(task_assets["teacher_hf"], task_assets["heldout"])
+    for variant, r in rows.items():
+        assert [row["step"] for row in r] == [0, 1, 2]
+        # Greedy decoding on the student's server, checked by the task, equals transformers' greedy accuracy; the
+        # second run (opd) starts from the initial student although the first run trained the servers' weights.
+        assert r[0]["heldout_accuracy"] == pytest.approx(student)
+        assert r[0]["teacher_heldout_accuracy"] == pytest.approx(teacher)
+        assert r[1]["rollout_weight_version"] == 0.0 and r[2]["rollout_weight_version"] == 1.0
+        assert all(0.0 <= row["heldout_accuracy"] <= 1.0 and row["eval_s"] > 0 for row in r[1:])
+        assert (out / f"{variant}-seed3" / "metrics.png").is_file()
+    assert rows["topd"][1]["candidates"] > 0 and rows["opd"][1]["candidates"] == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["table"]) == {"topd", "opd"}
+    assert report["table"]["opd"]["finals"] == [rows["opd"][-1]["heldout_accuracy"]]
+    assert "| topd | 1 |" in (out / "results.md").read_text() and (out / "results.png").stat().st_size > 0
+    # finished runs are reused: a second call trains nothing and reports the same
+    assert experiment.main(["--assets", str(task_assets["root"]), "--variants", "opd", "--seeds", "3",
+                            "--out", str(out), "train.steps=2", f"rollout.server_python={sglang_python()}",
+                            f"rollout.server_log_dir={tmp_path}/logs"]) == 0
+    assert [json.loads(line) for line in open(out / "opd-seed3" / "metrics.jsonl")] == rows["opd"]
