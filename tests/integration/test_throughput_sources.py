@@ -3,8 +3,8 @@
 when the weights do not change in between - the only difference async makes is which weights sample.
 Everything downstream of the batch is untouched code in sync mode (the TIS branch is off), so identical batches
 mean identical losses. The server itself is not bitwise reproducible: its log-probs move by ~1e-6 with how it batches
-concurrent requests, and seeded sampling needs SGLang's deterministic mode (not available on CPU), hence greedy
-decoding and a 1e-4 tolerance on log-probs only."""
+concurrent requests, and seeded sampling needs SGLang's deterministic mode (on CPU through our shims, a separate server:
+tests/integration/test_rollout_determinism.py), hence greedy decoding and a 1e-4 tolerance on log-probs only."""
 import json
 from dataclasses import asdict
 
