@@ -81,6 +81,9 @@ class SGLangServer:
         self.python = str(Path(python).absolute()) if os.sep in str(python) else str(python)
         self.host = host
         self.port = port or free_port(host)
+        # A port we picked is free when picked, but SGLang binds it only after ~20 s of start-up, and meanwhile another
+        # process (a second server's internal ports, a gloo store) can take it: then start again on a fresh port.
+        self._port_retries = 0 if port else 3
         self.device = device
         self.dtype = dtype
         self.tp_size = tp_size
@@ -89,7 +92,7 @@ class SGLangServer:
         self.seed = seed
         self.deterministic = deterministic
         self.extra_args = list(extra_args)
-        self.log_path = Path(log_dir) / f"sglang-{self.host}-{self.port}.log"
+        self.log_dir = Path(log_dir)
         self.startup_timeout_s = startup_timeout_s
         self.env = dict(env or {})
         self.module = module
@@ -184,6 +187,11 @@ class SGLangServer:
         deadline = time.monotonic() + (self.startup_timeout_s if timeout_s is None else timeout_s)
         while True:
             code = self.proc.poll() if self.proc else None
+            if code is not None and self._port_retries > 0 and "address already in use" in self._this_attempts_log():
+                self._port_retries -= 1
+                self._restart_on_a_new_port()
+                deadline = time.monotonic() + (self.startup_timeout_s if timeout_s is None else timeout_s)
+                continue
             if self.proc is None or code is not None:
                 raise ServerStartError(
                     f"SGLang server {self.url} exited with code {code} before becoming healthy "
@@ -199,6 +207,25 @@ class SGLangServer:
                     f"--- log tail ---\n{self.log_tail()}"
                 )
             time.sleep(0.5)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"sglang-{self.host}-{self.port}.log"
+
+    def _this_attempts_log(self) -> str:
+        """This start's part of the log (SGLang's shutdown traceback can push the bind error out of any tail)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return text[text.rfind("\n=== "):]
+
+    def _restart_on_a_new_port(self) -> None:
+        self.stop()
+        old = self.port
+        self.port = free_port(self.host)
+        self.start()
+        self._log_file.write(f"(port {old} was taken before the server could bind it; restarted on {self.port})\n".encode())
 
     def healthy(self) -> bool:
         try:

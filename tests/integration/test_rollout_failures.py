@@ -60,3 +60,29 @@ def test_server_that_exits_during_startup_reports_its_log_tail(tmp_path):
     assert "exited with code" in msg and "--- log tail ---" in msg
     assert str(empty_model) in msg or "config.json" in msg  # SGLang's own complaint, quoted from its log
     assert not server.is_running() and time.monotonic() - t0 < 600
+
+
+def test_server_whose_picked_port_was_taken_meanwhile_restarts_on_a_fresh_one(tiny_model_dir, tmp_path):
+    """SGLang binds its HTTP port only after start-up: a port we picked can be taken meanwhile (seen in CI-like runs
+    with several servers starting). The server notices 'address already in use' and starts again elsewhere; a port
+    the user gave is never changed."""
+    import socket
+
+    server = SGLangServer(tiny_model_dir, python=sglang_python(), dtype="float32", context_length=256,
+                          log_dir=tmp_path / "logs", startup_timeout_s=600)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        server.port = taken  # what the race looks like: the picked port is bound by someone else
+        with server:
+            assert server.port != taken and server.healthy()
+            assert "address already in use" in (tmp_path / "logs" / f"sglang-127.0.0.1-{taken}.log").read_text()
+            gens = SGLangClient([server.url], vocab_size=1000, context_length=256).generate(
+                [[5, 6, 7]], SamplingParams(max_new_tokens=4, temperature=0.0))
+            assert len(gens[0][0].token_ids) == 4
+        fixed = SGLangServer(tiny_model_dir, python=sglang_python(), port=taken, log_dir=tmp_path / "logs2",
+                             startup_timeout_s=600)
+        with pytest.raises(ServerStartError, match="exited with code"):
+            with fixed:
+                pass
