@@ -20,7 +20,7 @@ from megatron_topd.overrides import apply_overrides
 from megatron_topd.models.precision import PrecisionConfig
 from megatron_topd.models.spec import ModelSpec
 from megatron_topd.rollout.config import RolloutConfig
-from megatron_topd.topd.config import TopdConfig
+from megatron_topd.topd.config import TEACHER_PLACEMENTS, TopdConfig
 from megatron_topd.train.estimators import KL_ESTIMATORS
 from megatron_topd.train.evaluation import EvalConfig
 from megatron_topd.train.optim import OptimConfig
@@ -102,8 +102,8 @@ class TeacherConfig:
     urls: list[str] = field(default_factory=list)  # running teacher SGLang servers; when set rank 0 launches none
 
     def validate(self) -> None:
-        if self.placement not in ("colocated", "remote"):
-            raise ValueError(f"teacher.placement={self.placement!r}: use colocated or remote")
+        if self.placement not in TEACHER_PLACEMENTS:
+            raise ValueError(f"teacher.placement={self.placement!r}: use {' or '.join(TEACHER_PLACEMENTS)}")
         if self.top_k < 1:
             raise ValueError(f"teacher.top_k={self.top_k} must be >= 1")
         if self.kl not in KL_ESTIMATORS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -51,14 +52,21 @@ def world_size(config_path: str, overrides: list[str]) -> int:
     return cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
 
 
-def summary(run_dir: Path) -> dict:
-    """Accuracy before -> after and the teacher's, from the run's metrics.jsonl."""
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+def run_summary(run_dir: Path) -> dict:
+    """A run's held-out accuracy (curve, before -> after, the teacher's), its mean training step time (evaluation
+    excluded) and mean diagnostics, from its metrics.jsonl: the demo's table and each experiment run read this."""
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
     acc = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
-    teacher = [r["teacher_heldout_accuracy"] for r in rows if "teacher_heldout_accuracy" in r]
     steps = [r for r in rows if "step_s" in r]
-    return {"before": acc[0][1], "after": acc[-1][1], "curve": acc, "teacher": teacher[0] if teacher else None,
-            "steps": len(steps), "mean_step_s": sum(r["step_s"] for r in steps) / max(len(steps), 1)}
+    return {"curve": acc, "before": acc[0][1], "after": acc[-1][1], "steps": len(steps),
+            "teacher": next((r["teacher_heldout_accuracy"] for r in rows if "teacher_heldout_accuracy" in r), None),
+            "step_s": _mean([r["step_s"] - r.get("eval_s", 0.0) for r in steps]),
+            "low_divergence_share": _mean([r["low_divergence_share"] for r in steps if "low_divergence_share" in r]),
+            "mean_ot_distance": _mean([r["mean_ot_distance"] for r in steps if "mean_ot_distance" in r])}
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
 
 
 def print_summary(s: dict, run_dir: Path) -> None:
@@ -66,11 +74,11 @@ def print_summary(s: dict, run_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(title="TOPD demo: held-out accuracy (greedy, exact answer)")
-    for col in ("student before", "student after", "change", "teacher", "steps", "s/step"):
+    for col in ("student before", "student after", "change", "teacher", "steps", "s/step (train)"):
         table.add_column(col, justify="right")
     teacher = "-" if s["teacher"] is None else f"{s['teacher']:.1%}"
     table.add_row(f"{s['before']:.1%}", f"{s['after']:.1%}", f"{100 * (s['after'] - s['before']):+.1f} pts", teacher,
-                  str(s["steps"]), f"{s['mean_step_s']:.1f}")
+                  str(s["steps"]), f"{s['step_s']:.1f}")
     console = Console()
     console.print(table)
     console.print("curve: " + "  ".join(f"{step}:{a:.0%}" for step, a in s["curve"]))
@@ -89,5 +97,5 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     print("+", " ".join(cmd), flush=True)
     code = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
     if code == 0:
-        print_summary(summary(run_dir), run_dir)
+        print_summary(run_summary(run_dir), run_dir)
     return code

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from megatron_topd.demo import REPO, asset_overrides, build_assets, torchrun, world_size
+from megatron_topd.demo import REPO, asset_overrides, build_assets, run_summary, torchrun, world_size
 
 VARIANTS = {
     "opd": ["topd.variant=opd"],
@@ -57,36 +57,17 @@ def run_finished(run_dir: Path, steps: int) -> bool:
     return path.is_file() and any(json.loads(line).get("step") == steps for line in open(path) if line.strip())
 
 
-def run_summary(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
-    acc = [(r["step"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
-    steps = [r for r in rows if "step_s" in r]
-    train_s = [r["step_s"] - r.get("eval_s", 0.0) for r in steps]  # evaluation is not part of a training step
-    return {"curve": acc, "before": acc[0][1], "final": acc[-1][1], "step_s": sum(train_s) / max(len(train_s), 1),
-            "teacher": next((r["teacher_heldout_accuracy"] for r in rows if "teacher_heldout_accuracy" in r), None),
-            "low_divergence_share": _mean(r.get("low_divergence_share") for r in steps),
-            "mean_ot_distance": _mean(r.get("mean_ot_distance") for r in steps)}
-
-
-def _mean(values) -> float:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
 def _sd(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    m = sum(values) / len(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
     table = {}
     for variant, runs in results.items():
-        finals = [r["final"] for r in runs.values()]
-        table[variant] = {"n": len(finals), "final_mean": sum(finals) / len(finals), "final_sd": _sd(finals),
-                          "before": _mean(r["before"] for r in runs.values()),
-                          "step_s_mean": _mean(r["step_s"] for r in runs.values()),
+        finals = [r["after"] for r in runs.values()]
+        table[variant] = {"n": len(finals), "final_mean": statistics.fmean(finals), "final_sd": _sd(finals),
+                          "before": statistics.fmean(r["before"] for r in runs.values()),
+                          "step_s_mean": statistics.fmean(r["step_s"] for r in runs.values()),
                           "finals": finals}
     return table
 
@@ -176,7 +157,7 @@ def main(argv=None) -> int:
             code = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
             if code != 0:
                 raise SystemExit(f"{variant} seed {seed} failed (exit {code}); its logs are in {run_dir}")
-            print(f"== {variant} seed {seed}: held-out accuracy " + "{before:.1%} -> {final:.1%}".format(
+            print(f"== {variant} seed {seed}: held-out accuracy " + "{before:.1%} -> {after:.1%}".format(
                 **run_summary(run_dir)), flush=True)
     finally:
         if servers is not None:
