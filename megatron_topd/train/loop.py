@@ -120,7 +120,7 @@ def train(cfg: Config) -> list[dict]:
     dataset = prompt_dataset(cfg, tokenizer)
     start_step = resume(cfg, ckpt_root, student, optimizer, scheduler, dataset)
 
-    heldout = held_out_eval(cfg, tokenizer)
+    heldout = held_out_eval(cfg, tokenizer) if rank0 else None  # rank 0 decodes; every rank takes part in the broadcast
     rollouts = Rollouts(cfg) if rank0 else None
     try:
         student_client, teacher_client, student_urls = connect_servers(cfg, rollouts, vocab)
@@ -132,7 +132,7 @@ def train(cfg: Config) -> list[dict]:
             weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(start_step))
         logger = MetricsLogger(out, enabled=rank0, total_steps=cfg.train.steps, start_step=start_step,
                                wandb_project=cfg.train.wandb_project, config=cfg)
-        if heldout is not None and start_step == 0:                                             # 0. baseline
+        if cfg.eval.enabled and start_step == 0:                                               # 0. baseline
             logger.log(0, evaluate_heldout(heldout, student_client, teacher_client if cfg.eval.teacher else None))
         from megatron_topd.rollout.async_rollouts import make_rollout_source
 
@@ -162,7 +162,7 @@ def train(cfg: Config) -> list[dict]:
                 sync_stats = weight_sync.sync(export_hf_weights(student[0], student_spec), version=str(step + 1))
             timings["sync_s"] = time.perf_counter() - t
 
-            if heldout is not None and cfg.eval.due(step + 1, cfg.train.steps):                   # 9. held-out
+            if cfg.eval.due(step + 1, cfg.train.steps):                                           # 9. held-out
                 t = time.perf_counter()
                 timings.update(evaluate_heldout(heldout, student_client), eval_s=time.perf_counter() - t)
             metrics = step_metrics(result, pass_stats, batch, probe, timings, time.perf_counter() - t0)  # 10.
@@ -259,7 +259,7 @@ def load_tokenizer(cfg: Config):
 
 
 def held_out_eval(cfg: Config, tokenizer):
-    """The held-out problems (eval.heldout_path), or None when the run has none."""
+    """The held-out problems (eval.heldout_path) for rank 0 to decode, or None when the run has none."""
     from megatron_topd.train.evaluation import HeldOutEval
 
     if not cfg.eval.enabled:
@@ -435,9 +435,9 @@ def train_on_replica(cfg: Config, student, optimizer, scheduler, teacher, rows: 
 
 def evaluate_heldout(heldout, student_client, teacher_client=None) -> dict:
     """Held-out accuracy by greedy decoding on the servers (the student's hold this step's weights after the sync);
-    rank 0 asks, every rank gets the same numbers."""
+    rank 0 asks (it alone holds `heldout`), every rank gets the same numbers."""
     out = None
-    if dist.get_rank() == 0:
+    if heldout is not None:
         out = {"heldout_accuracy": heldout.accuracy(student_client)}
         if teacher_client is not None:
             out["teacher_heldout_accuracy"] = heldout.accuracy(teacher_client)
