@@ -7,8 +7,8 @@
 #
 # Servers bind their node's name and publish their URL under <run_dir>/endpoints/<role>/ once healthy; the trainer
 # waits for all of them. With launch.student_nodes=0 only the trainer runs and its rank 0 launches the servers.
-# A SIGUSR1 to this script (--signal=B:USR1@<s>, or `scancel --signal=USR1 --batch <job>`) is forwarded to the
-# trainer: it finishes the step, checkpoints and exits 75; this script then requeues the job, which resumes.
+# A SIGUSR1 to this script (--signal=B:USR1@<s>, or `scancel --signal=USR1 --batch <job>`) becomes <endpoints>/stop:
+# the trainer finishes the step, checkpoints and exits 75; this script then requeues the job, which resumes.
 #
 # Called by the topd_*.sh scripts with CONFIG set; extra arguments are dotted config overrides.
 # Environment: TRAINER_IMAGE / SGLANG_IMAGE (pyxis images, e.g. nvcr.io#nvidia/pytorch:25.10-py3-based builds; empty:
@@ -46,6 +46,21 @@ run() {  # run a command, or print it under TOPD_DRYRUN=1
   if [[ $DRYRUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
+# A stop request (SIGUSR1) may come at any time, even before the trainer runs: trapped from the start (untrapped,
+# it would kill this script) and turned into the file <endpoints>/stop, which every trainer rank checks after each
+# step (the same point where it would act on a signal). Not forwarded as a signal: a task that has not yet installed
+# its handler dies of SIGUSR1 (seen: a trainer step 0.5 s old killed by it), and srun does not forward it anyway.
+stop_requested=0
+attempt="${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}"   # as megatron_topd.launch.endpoints.attempt_id()
+# shellcheck disable=SC2317  # called by the trap
+request_stop() {
+  stop_requested=1
+  echo "[job] SIGUSR1: the trainer stops after its current step"
+  [[ -n ${ENDPOINTS:-} && -d $ENDPOINTS ]] || return 0    # not planned yet: written once the folder exists
+  printf '{"attempt": "%s"}\n' "$attempt" > "$ENDPOINTS/.stop.tmp" && mv "$ENDPOINTS/.stop.tmp" "$ENDPOINTS/stop"
+}
+trap request_stop USR1
+
 # 1. The plan: validate the whole config and split the nodes (in the trainer image: it holds the config's code).
 : "${SLURM_JOB_NODELIST:?not inside a Slurm allocation (set SLURM_JOB_NODELIST for TOPD_DRYRUN=1)}"
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -56,10 +71,10 @@ else
     "$TRAINER_PYTHON" -m megatron_topd.launch.plan --config "$CONFIG" "$@")
 fi
 eval "$plan"
-attempt="${SLURM_JOB_ID:-0}.${SLURM_RESTART_COUNT:-0}"
 echo "[job] attempt $attempt: trainer=$TRAINER_NODES student=${STUDENT_NODES:-rank0} teacher=${TEACHER_NODES:-rank0}" \
   "run_dir=$RUN_DIR logs=$LOGS"
 [[ $DRYRUN == 1 ]] || { rm -rf "$ENDPOINTS"; mkdir -p "$ENDPOINTS" "$LOGS"; }
+(( stop_requested )) && request_stop     # the signal came during the plan
 GPU_ARGS=()
 if (( GPUS_PER_NODE > 0 )); then GPU_ARGS=(--gpus-per-node="$GPUS_PER_NODE"); fi
 
@@ -75,22 +90,13 @@ if (( N_STUDENT > 0 )); then
   done
 fi
 
-# 3. The trainer: one task per rank; SIGUSR1 to this script reaches its tasks through srun.
+# 3. The trainer: one task per rank; a stop request reaches it through request_stop above.
 run srun --job-name=trainer --nodes="$N_TRAINER" --ntasks=$((N_TRAINER * TASKS_PER_NODE)) \
   --ntasks-per-node="$TASKS_PER_NODE" --nodelist="$TRAINER_NODES" \
   "${GPU_ARGS[@]}" --kill-on-bad-exit=1 --label --output="$LOGS/trainer.log" --open-mode=append "${TRAINER_C[@]}" \
   --export=ALL,MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT" \
   "$TRAINER_PYTHON" -m megatron_topd.launch.trainer --config "$CONFIG" "$@" &
 trainer=$!
-# srun does not forward SIGUSR1 (it would die of it): signal the trainer step's tasks through Slurm.
-# shellcheck disable=SC2317  # called by the trap
-stop_trainer() {
-  echo "[job] SIGUSR1: the trainer stops after its current step"
-  local step
-  step=$(squeue -h -s -j "$SLURM_JOB_ID" -o '%i %j' | awk '$2 == "trainer" {print $1}' | head -n 1)
-  if [[ -n $step ]]; then scancel --signal=USR1 "$step" || true; fi
-}
-trap stop_trainer USR1
 
 set +e
 while :; do

@@ -2,7 +2,8 @@
 trainer waits for the expected count, with a deadline and an error that names the missing role and its log.
 
 Files carry the attempt (`<job id>.<restart count>`): a requeued job never reads the URLs of its previous run.
-A role's end is a file too: `<endpoints>/trainer.exit` holds the trainer's exit code, and the servers stop on it.
+A role's end is a file too: `<endpoints>/trainer.exit` holds the trainer's exit code, and the servers stop on it;
+`<endpoints>/stop` is the batch script's stop request to the trainer (see train/preemption.py).
 """
 from __future__ import annotations
 
@@ -95,3 +96,16 @@ def read_exit(root: str | Path) -> int | None:
     except (OSError, json.JSONDecodeError):
         return None
     return int(entry["code"]) if entry.get("attempt") == attempt_id() else None
+
+
+STOP_FILE = "stop"
+
+
+def stop_requested(root: str | Path) -> bool:
+    """The batch script asked this attempt to stop (`<endpoints>/stop`, written by slurm/job.sh's SIGUSR1 trap as
+    {"attempt": ...}): a stale file of an earlier attempt is ignored."""
+    try:
+        entry = json.loads((Path(root) / STOP_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return entry.get("attempt") == attempt_id()

@@ -5,7 +5,7 @@
 In a role-split job it first waits for every server's URL under `<endpoints>/` (deadline: launch.endpoint_timeout_s)
 and hands them to the run as `rollout.urls` / `teacher.urls`, with the weight-sync master address set to the first
 trainer node's name (routable from the server nodes). Without server nodes, rank 0 launches the servers itself.
-A stop request (SIGUSR1, see train/preemption.py) ends the run after a checkpoint: trainer.exit holds 75 (requeue
+A stop request (SIGUSR1, or the file `<endpoints>/stop`; see train/preemption.py) ends the run after a checkpoint: trainer.exit holds 75 (requeue
 me) while the processes exit 0.
 Rank 0 (any rank on failure) writes `<endpoints>/trainer.exit`, on which the server roles stop.
 """
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     lc = launch_section(data)
     out = (data.get("train") or {}).get("output_dir", "runs/topd")
     root, logs = lc.endpoints(out), lc.logs(out)
+    preemption.install(stop_check=lambda: endpoints.stop_requested(root))  # slurm/job.sh's USR1 trap writes it
     code = 1
     try:
         from megatron_topd.config import load_config

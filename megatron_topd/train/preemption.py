@@ -1,7 +1,10 @@
 """Preemption: a signal asks the run to stop; every rank finishes the current step, checkpoints, and exits.
 
 Slurm sends the signal (`--signal=B:USR1@<s>` before the time limit; `scancel --signal=USR1 --batch` by hand or by a
-preemption hook) to the batch script, which forwards it to the trainer's tasks. The handler only sets a flag: the
+preemption hook) to the batch script, which writes a stop file (`<endpoints>/stop`, read through
+`install(stop_check=...)`) rather than signalling the trainer's tasks: a request that comes before they exist (plan,
+server start-up) is kept, and a task that has not yet installed its handler is not killed by the signal. A SIGUSR1
+sent to a trainer process directly works too. The handler only sets a flag: the
 step in flight (generation, collectives, optimizer) runs to its end. At the end of each step every rank calls
 `stop_requested()`, one MAX all-reduce of that flag over the world, so all ranks take the same decision in the same
 step even when the signal reached only some of them (or reached them during different steps): no rank is left
@@ -11,17 +14,22 @@ waiting in a collective. The loop then saves a checkpoint and returns; `megatron
 from __future__ import annotations
 
 import signal
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request, checkpoint saved, run me again"
 
-_state = {"installed": False, "signal": None, "stopped": False}
+_state = {"installed": False, "signal": None, "stopped": False, "stop_check": None}
 
 
-def install(signals: tuple[int, ...] = (signal.SIGUSR1,)) -> None:
-    """Turn `signals` into a stop request (idempotent). Call before anything slow, so an early signal is kept."""
+def install(signals: tuple[int, ...] = (signal.SIGUSR1,), stop_check: Callable[[], bool] | None = None) -> None:
+    """Turn `signals` into a stop request, and `stop_check()` returning True too (a stop file; it may be given by a
+    later call). Idempotent. Call before anything slow, so an early signal is kept."""
+    if stop_check is not None:
+        _state["stop_check"] = stop_check
     if _state["installed"]:
         return
 
@@ -34,7 +42,10 @@ def install(signals: tuple[int, ...] = (signal.SIGUSR1,)) -> None:
 
 
 def requested_locally() -> bool:
-    return _state["signal"] is not None
+    if _state["signal"] is not None:
+        return True
+    check = _state["stop_check"]
+    return check is not None and bool(check())
 
 
 def stop_requested(group=None) -> bool:
@@ -64,7 +75,7 @@ def stopped_early() -> bool:
 
 def reset() -> None:
     """Forget the request (tests running several loops in one process)."""
-    _state.update(signal=None, stopped=False)
+    _state.update(signal=None, stopped=False, stop_check=None)
 
 
 TEMPORARY_MARK = "PREEMPTION_CHECKPOINT"
@@ -72,8 +83,6 @@ TEMPORARY_MARK = "PREEMPTION_CHECKPOINT"
 
 def mark_temporary(path) -> None:
     """Mark a checkpoint made only because of a stop request (off the save_interval schedule); rank 0 writes."""
-    from pathlib import Path
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         (Path(path) / TEMPORARY_MARK).write_text("saved on a stop request; removed once a later checkpoint exists\n")
 
@@ -82,7 +91,6 @@ def prune_temporary(ckpt_root) -> list[str]:
     """Remove stop-request checkpoints older than the latest one (at 70B each holds the optimizer: ~1 TB), so a
     requeued run ends with the checkpoints of an uninterrupted run. Call on one rank, after training."""
     import shutil
-    from pathlib import Path
 
     from megatron_topd.checkpointing import latest_step
 
