@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -155,10 +156,17 @@ class _Failed:
 
 
 def _share(payload):
+    """Rank 0's batch on every rank, but a remote teacher's top-k scores stay on rank 0: only the last pipeline
+    stages use them, and they are the batch's bulk (train/dealing.py sends them there)."""
+    teacher = getattr(payload, "teacher", None)
+    if teacher is not None:
+        payload = dataclasses.replace(payload, teacher=None, has_teacher_scores=True)
     box = [payload]
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], _Failed):
         raise RuntimeError(f"rollout generation failed on rank 0 ({box[0].message})")
+    if teacher is not None:
+        box[0].teacher = teacher
     return box[0]
 
 

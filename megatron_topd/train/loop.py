@@ -28,6 +28,7 @@ from megatron_topd.checkpointing import latest_step, load_checkpoint, load_model
 from megatron_topd.config import Config, load_config, save_config
 from megatron_topd.models import ModelSpec, build_gpt_model, padded_vocab_size
 from megatron_topd.train.batches import RolloutRows, guidance_microbatches, padding_fraction, rollout_microbatches
+from megatron_topd.train.dealing import deal_rows, to_last_stage
 from megatron_topd.train.distill_step import distill_step
 from megatron_topd.train.guard import NonFiniteError, agree_on_nonfinite
 from megatron_topd.train.metrics import MetricsLogger
@@ -83,7 +84,9 @@ class Rollouts:
 
 @dataclass
 class StepBatch:
-    """One step's rollouts, identical on every rank (token ids and per-token log-probs: no V dimension)."""
+    """One step's rollouts, identical on every rank (token ids and per-token log-probs: no V dimension), except
+    `teacher`: a remote teacher's per-row top-k stays on rank 0 (`has_teacher_scores` says it exists) until
+    `replica_rows` sends each replica's rows to its last stage."""
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
@@ -91,8 +94,9 @@ class StepBatch:
     finish_reasons: list[str]
     weight_versions: list[str]
     dataset_state: dict
-    teacher: list[dict] | None = None  # a remote teacher's scores per row (RemoteTeacher.score_rollouts)
+    teacher: list[dict] | None = None  # a remote teacher's scores per row (RemoteTeacher.score_rollouts); rank 0
     staleness: float = 0.0  # trainer step - oldest weight version of the samples (async rollouts: 1)
+    has_teacher_scores: bool = False  # `teacher` exists (on rank 0)
 
 
 def train(cfg: Config) -> list[dict]:
@@ -311,22 +315,17 @@ def generate_rollouts(source, step: int) -> StepBatch:
 
 
 def replica_rows(batch: StepBatch, layout) -> RolloutRows:
-    """This data-parallel replica's rollouts: rows dealt longest-first to the replica with the fewest tokens."""
-    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
-    load = [0] * layout.data_parallel
-    mine = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        replica = min(range(layout.data_parallel), key=lambda d: (load[d], d))
-        load[replica] += lengths[i]
-        if replica == layout.dp_rank:
-            mine.append(i)
-    mine.sort()
+    """This data-parallel replica's rollouts: rows dealt longest-first to the replica with the fewest tokens. A
+    remote teacher's scores (on rank 0 only) go to the replica's last pipeline stage alone (train/dealing.py)."""
+    replicas = deal_rows([len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)],
+                         layout.data_parallel)
+    mine = replicas[layout.dp_rank]
     if not mine:
-        raise ValueError(f"{len(lengths)} rollouts leave data-parallel replica {layout.dp_rank} empty: make "
+        raise ValueError(f"{len(batch.prompt_ids)} rollouts leave data-parallel replica {layout.dp_rank} empty: make "
                          "train.prompts_per_step * rollout.n_samples at least the data-parallel size")
+    teacher = to_last_stage(batch.teacher, replicas, layout) if batch.has_teacher_scores else None
     return RolloutRows([batch.prompt_ids[i] for i in mine], [batch.response_ids[i] for i in mine],
-                       [batch.response_logprobs[i] for i in mine],
-                       None if batch.teacher is None else [batch.teacher[i] for i in mine])
+                       [batch.response_logprobs[i] for i in mine], teacher)
 
 
 def _pad_multiple(cfg: Config) -> int:
@@ -390,7 +389,8 @@ def probe_replica(cfg: Config, step: int, rows: RolloutRows, token_loss, student
         )
         payload = _probe_payload(probe)
         g = payload["guidance"]
-        if g is not None and g["tokens"].shape[0] > 0:  # a remote teacher's top-k along its windows (TP rank 0 asks)
+        if isinstance(teacher, RemoteTeacher) and g is not None and g["tokens"].shape[0] > 0:
+            # a remote teacher's top-k along its windows (TP rank 0 asks; a co-located one has logits instead)
             scores = [teacher.score_guidance(g["tokens"], g["lengths"], g["window_start"]) if probe_tp_rank0 else None]
             if layout.tensor_parallel > 1:
                 dist.broadcast_object_list(scores, src=dist.get_global_rank(parallel.tensor_parallel_group(), 0),

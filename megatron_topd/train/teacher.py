@@ -69,8 +69,9 @@ class RemoteTeacher:
     Each rollout is scored by prefill (`max_new_tokens=0`): per response token the log-prob of the sampled token and,
     for ``kl="topk"``, the teacher's top-k (ids, log-probs). Guidance rows (prefix + teacher window) are scored the
     same way at their window positions (a prefix-cache hit on the server that just generated the window).
-    Sizes at topd_70b with k = 64: per replica [128 rows, 16k, 64] ids (int64) + log-probs (float32) = 1.6 GB of host
-    memory, placed into each microbatch as [rows_mb, S_mb, k] (docs/remote_teacher.md).
+    Sizes at topd_70b with k = 64: per replica [128 rows, 16k, 64] ids (int32) + log-probs (float32) = 1.07 GB of
+    host memory, on the replica's last-stage ranks only (train/dealing.py), placed into each microbatch as
+    [rows_mb, S_mb, k] (docs/remote_teacher.md).
     """
 
     def __init__(self, client, *, kl: str, top_k: int):
@@ -86,7 +87,11 @@ class RemoteTeacher:
         """The rollout source scores each prompt's samples through `ascore_samples` as they finish."""
         return self
 
-    def for_microbatches(self, batches: list[dict]) -> list[dict]:
+    def for_microbatches(self, batches: list[dict]) -> list[dict] | None:
+        from megatron.core import parallel_state as ps
+
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return None  # the scores were delivered to the last stage only
         out = []
         for b in batches:
             signal = {"kind": self.kl, "topk_ids": b.get("teacher_topk_ids"), "topk_logprobs": b.get("teacher_topk_logprobs")}
@@ -131,7 +136,7 @@ def _score_rows(scores, top_k: int) -> list[dict]:
     for s in scores:
         row = {"token_logprobs": torch.tensor(s.token_logprobs, dtype=torch.float32)}
         if top_k:
-            row["topk_ids"] = torch.tensor([[i for i, _ in pos] for pos in s.top_logprobs], dtype=torch.long)
+            row["topk_ids"] = torch.tensor([[i for i, _ in pos] for pos in s.top_logprobs], dtype=torch.int32)
             row["topk_logprobs"] = torch.tensor([[lp for _, lp in pos] for pos in s.top_logprobs], dtype=torch.float32)
         rows.append(row)
     return rows
@@ -144,7 +149,7 @@ def teacher_fields(teacher_rows: list[dict], idx: list[int], starts: list[int], 
     n = len(idx)
     out = {"teacher_token_logprobs": torch.zeros(n, width)}
     if k:
-        out["teacher_topk_ids"] = torch.arange(k).repeat(n, width, 1)
+        out["teacher_topk_ids"] = torch.arange(k, dtype=torch.int32).repeat(n, width, 1)  # ids < 2^31: int32
         out["teacher_topk_logprobs"] = torch.full((n, width, k), -math.log(k + 1))
     for j, (i, start) in enumerate(zip(idx, starts)):
         row = teacher_rows[i]
