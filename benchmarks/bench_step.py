@@ -1,9 +1,12 @@
 """OPD and TOPD steps on the same tiny CPU setup (TP=2 over gloo, real SGLang servers), sync and async rollouts, in
 one run: per-phase times and the ratios issue 14 asks for.
 
-Setup: examples/cpu_demo.yaml with the demo's tiny models (megatron_topd/testing/tiny_assets.py): 4 prompts x 4
-samples, 48 new tokens, TOPD top-2 candidates, window 16. Each configuration is a fresh 2-rank run that starts its
-own servers; the first step of each run is a warm-up and is left out of the means.
+Setup: examples/cpu_demo.yaml with tiny random models (megatron_topd/testing/tiny_assets.py) and the values in
+SETUP below (pinned here, so a change to the demo's config does not move the benchmark): 16 prompts x 4 samples,
+48 new tokens, TOPD top-3 candidates per response (min gap 4), window 8, no held-out evaluation. Each
+configuration is a fresh 2-rank run that starts its own servers; the first step of each run is a warm-up and is left
+out of the means. Overrides after the options change every run (e.g. longer responses:
+`rollout.max_new_tokens=192 train.max_seq_length=256 rollout.context_length=256`).
 
     .venv/bin/python benchmarks/bench_step.py                 # all four; --steps 5 --variants opd,topd
 """
@@ -17,6 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SETUP = ["train.prompts_per_step=16", "rollout.n_samples=4", "rollout.max_new_tokens=48", "topd.top_k=3",
+         "topd.min_gap=4", "topd.window=8", "eval.heldout_path="]  # no held-out evaluation
 PHASES = ("generation_s", "scoring_s", "window_s", "ot_s", "train_s", "rollout_wait_s", "sync_s", "step_s")
 
 
@@ -54,7 +59,7 @@ def main() -> None:
         f"teacher.checkpoint={assets['teacher_ckpt']}", f"teacher.hf_path={assets['teacher_hf']}",
         f"rollout.model_path={assets['student_hf']}", f"train.prompts_path={assets['prompts']}",
         f"rollout.server_python={sglang_python()}", f"train.steps={args.steps}", f"train.save_interval={args.steps}",
-    ] + list(args.overrides)
+    ] + SETUP + list(args.overrides)
     results: dict[tuple[str, str], list[dict]] = {}
     for variant in args.variants.split(","):
         for mode in args.modes.split(","):
