@@ -5,8 +5,8 @@
 In a role-split job it first waits for every server's URL under `<endpoints>/` (deadline: launch.endpoint_timeout_s)
 and hands them to the run as `rollout.urls` / `teacher.urls`, with the weight-sync master address set to the first
 trainer node's name (routable from the server nodes). Without server nodes, rank 0 launches the servers itself.
-A stop request (SIGUSR1, or the file `<endpoints>/stop`; see train/preemption.py) ends the run after a checkpoint: trainer.exit holds 75 (requeue
-me) while the processes exit 0.
+A stop request (SIGUSR1, or the file `<endpoints>/stop`; see train/preemption.py) ends the run after a checkpoint:
+trainer.exit holds 75 (requeue me) while the processes exit 0.
 Rank 0 (any rank on failure) writes `<endpoints>/trainer.exit`, on which the server roles stop.
 """
 from __future__ import annotations

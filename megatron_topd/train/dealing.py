@@ -4,9 +4,10 @@ Token ids and log-probs are small (4-8 B per token) and every rank of a replica 
 broadcast whole. A remote teacher's top-k scores are not: at examples/topd_70b.yaml with `teacher.kl=topk`, k = 64,
 they are 256 rows x 16k tokens x 64 x (int32 id + float32 log-prob) = 2.1 GB per step, and only the loss reads them,
 on the last pipeline stage. Rank 0 (which scored the rollouts as they finished) therefore sends each replica's rows
-(128 of them: 1.07 GB) to that replica's last-stage TP rank 0, which broadcasts them over its TP group: 8 of the 64
-ranks hold 1.07 GB each, the other 56 nothing (broadcasting the batch with them put 3.2 GB, with int64 ids, on every
-rank). Rank 0 sends DP x 1.07 GB over the network per step; the TP broadcast stays inside a node.
+(128 of them: 1.07 GB) to that replica's last-stage TP rank 0, which broadcasts them over its TP group: the 16
+last-stage ranks (2 replicas x TP 8) hold 1.07 GB each, the other 48 nothing (broadcasting the batch with them put
+3.2 GB, with int64 ids, on all 64 ranks). Rank 0 sends DP x 1.07 GB over the network per step; the TP broadcast
+stays inside a node.
 """
 from __future__ import annotations
 
