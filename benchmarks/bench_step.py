@@ -48,18 +48,15 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
+    from megatron_topd.demo import asset_overrides
     from megatron_topd.testing.tiny_assets import build_tiny_assets as build_assets
     from megatron_topd.parallel.spawn import run_on_ranks
     from tests.integration.conftest import sglang_python
 
     root = Path(args.root)
     assets = build_assets(root / "assets")
-    base = [
-        f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
-        f"teacher.checkpoint={assets['teacher_ckpt']}", f"teacher.hf_path={assets['teacher_hf']}",
-        f"rollout.model_path={assets['student_hf']}", f"train.prompts_path={assets['prompts']}",
-        f"rollout.server_python={sglang_python()}", f"train.steps={args.steps}", f"train.save_interval={args.steps}",
-    ] + SETUP + list(args.overrides)
+    base = [*asset_overrides(assets), f"rollout.server_python={sglang_python()}", f"train.steps={args.steps}",
+            f"train.save_interval={args.steps}", *SETUP, *args.overrides]
     results: dict[tuple[str, str], list[dict]] = {}
     for variant in args.variants.split(","):
         for mode in args.modes.split(","):

@@ -32,11 +32,12 @@ def build_assets(root: Path) -> dict[str, Path]:
 
 
 def asset_overrides(paths: dict[str, Path]) -> list[str]:
-    """The config fields the assets fill in (the same for the demo, the experiment and the tests)."""
+    """The config fields the assets fill in (the demo, the experiment, bench_step); the held-out file only when the
+    assets have one (the tiny random assets of megatron_topd/testing do not)."""
+    heldout = [f"eval.heldout_path={paths['heldout']}"] if "heldout" in paths else []
     return [f"train.student_checkpoint={paths['student_ckpt']}", f"train.student_hf_path={paths['student_hf']}",
             f"teacher.checkpoint={paths['teacher_ckpt']}", f"teacher.hf_path={paths['teacher_hf']}",
-            f"rollout.model_path={paths['student_hf']}", f"train.prompts_path={paths['prompts']}",
-            f"eval.heldout_path={paths['heldout']}"]
+            f"rollout.model_path={paths['student_hf']}", f"train.prompts_path={paths['prompts']}", *heldout]
 
 
 def torchrun(config_path: str, overrides: list[str], world: int) -> list[str]:

@@ -17,7 +17,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory) -> dict:
     """A tiny random student and teacher (HF + converted Megatron checkpoints) and prompts, built once for the
-    integration and Slurm tiers (the mechanics; the demo's trained task models are tested in test_demo_task.py)."""
+    integration and Slurm tiers (the mechanics; the demo's trained task models are tested in
+    distributed/test_task_assets.py)."""
     from megatron_topd.testing.tiny_assets import build_tiny_assets
 
     return build_tiny_assets(tmp_path_factory.mktemp("demo_assets"))

@@ -225,7 +225,8 @@ class SGLangServer:
         old = self.port
         self.port = free_port(self.host)
         self.start()
-        self._log_file.write(f"(port {old} was taken before the server could bind it; restarted on {self.port})\n".encode())
+        note = f"(port {old} was taken before the server could bind it; restarted on {self.port})\n"
+        self._log_file.write(note.encode())
 
     def healthy(self) -> bool:
         try:

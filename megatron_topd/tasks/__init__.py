@@ -4,10 +4,14 @@ from megatron_topd.tasks.addition import AdditionTask, Problem, build_tokenizer
 TASKS = {"addition": AdditionTask}
 
 
-def make_task(name: str, **kwargs):
+def check_task(name: str) -> None:
     if name not in TASKS:
         raise ValueError(f"eval.task={name!r} is not a known task: use one of {', '.join(TASKS)}")
+
+
+def make_task(name: str, **kwargs):
+    check_task(name)
     return TASKS[name](**kwargs)
 
 
-__all__ = ["AdditionTask", "Problem", "TASKS", "build_tokenizer", "make_task"]
+__all__ = ["AdditionTask", "Problem", "TASKS", "build_tokenizer", "check_task", "make_task"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_topd.tasks.addition import EOS_ID, PAD_ID, VOCAB_SIZE, AdditionTask, Problem, build_tokenizer
+from megatron_topd.tasks.addition import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, AdditionTask, Problem, build_tokenizer
 
 
 @dataclass
@@ -162,16 +162,16 @@ def train_and_export(name: str, recipe: ModelRecipe, task: AdditionTask, tokeniz
         shutil.rmtree(d, ignore_errors=True)
     save_checkpoint(ckpt, 0, [model.module])  # step 0 of the distillation run: the trainer resumes from it
     spec.save_yaml(ckpt / "model_spec.yaml")
-    hf_ids = {"bos_token_id": 1, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    hf_ids = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     (ckpt / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                                                   **hf_ids}, indent=2))
     for f in paths["tokenizer"].iterdir():
         shutil.copy(f, ckpt / f.name)
     convert_megatron_to_hf(ckpt, hf, dtype="fp32", log=lambda msg: None)
     (hf / "generation_config.json").write_text(json.dumps({**hf_ids, "do_sample": False}))
-    return {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "heldout_accuracy": curve[-1][1], "curve": curve,
-            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0,
-            "recipe": asdict(recipe)}
+    return {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
+            "heldout_accuracy": curve[-1][1], "curve": curve, "params": sum(p.numel() for p in model.parameters()),
+            "seconds": time.perf_counter() - t0, "recipe": asdict(recipe)}
 
 
 def build_assets(root: str | Path, recipe: AssetRecipe | None = None) -> dict[str, Path]:

@@ -61,11 +61,11 @@ def run_probe(
 ) -> ProbeResult:
     """Probe the candidates of a scored batch (token-aligned ``token_loss``/``response_mask``, see `positions`).
 
-    The teacher sampler gets ``2 * seed``, the student's ``2 * seed + 1`` (no two steps' windows share a seed). Samplers may be None on ranks that are not the
-    group's first rank. ``embed(ids) -> rows`` is the (vocabulary-parallel) lookup of the table
-    ``cfg.embedding_table(teacher placement)`` names. ``seed`` also drives ``suppress: random`` (and the tie fill of
-    ``high``): pass the same value on every rank. ``dp_group``: decide the suppression over all its ranks' candidates
-    (every rank of it must call; None = this call's candidates only).
+    The teacher sampler gets ``2 * seed``, the student's ``2 * seed + 1`` (no two steps' windows share a seed).
+    Samplers may be None on ranks that are not the group's first rank. ``embed(ids) -> rows`` is the
+    (vocabulary-parallel) lookup of the table ``cfg.embedding_table(teacher placement)`` names. ``seed`` also drives
+    ``suppress: random`` (and the tie fill of ``high``): pass the same value on every rank. ``dp_group``: decide the
+    suppression over all its ranks' candidates (every rank of it must call; None = this call's candidates only).
     """
     cfg.validate()
     if tokens.shape != token_loss.shape:

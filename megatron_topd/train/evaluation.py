@@ -17,10 +17,9 @@ class EvalConfig:
     teacher: bool = True  # also evaluate the teacher once, before training (the ceiling the table shows)
 
     def validate(self) -> None:
-        from megatron_topd.tasks import TASKS
+        from megatron_topd.tasks import check_task
 
-        if self.task not in TASKS:
-            raise ValueError(f"eval.task={self.task!r} is not a known task: use one of {', '.join(TASKS)}")
+        check_task(self.task)
         if not isinstance(self.interval, int) or self.interval < 0:
             raise ValueError(f"eval.interval={self.interval!r}: use an integer >= 0 (0: before and after training)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

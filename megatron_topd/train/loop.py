@@ -321,8 +321,8 @@ def replica_rows(batch: StepBatch, layout) -> RolloutRows:
                          layout.data_parallel)
     mine = replicas[layout.dp_rank]
     if not mine:
-        raise ValueError(f"{len(batch.prompt_ids)} rollouts leave data-parallel replica {layout.dp_rank} empty: make "
-                         "train.prompts_per_step * rollout.n_samples at least the data-parallel size")
+        raise ValueError(f"{len(batch.prompt_ids)} rollouts leave data-parallel replica {layout.dp_rank} empty: "
+                         "make train.prompts_per_step * rollout.n_samples at least the data-parallel size")
     teacher = to_last_stage(batch.teacher, replicas, layout) if batch.has_teacher_scores else None
     return RolloutRows([batch.prompt_ids[i] for i in mine], [batch.response_ids[i] for i in mine],
                        [batch.response_logprobs[i] for i in mine], teacher)

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-PLOTTED = ("heldout_accuracy", "loss", "opd_loss", "traj_loss", "mean_token_kl", "low_divergence_share", "mean_ot_distance")
+PLOTTED = ("heldout_accuracy", "loss", "opd_loss", "traj_loss", "mean_token_kl", "low_divergence_share",
+           "mean_ot_distance")
 
 
 class MetricsLogger:

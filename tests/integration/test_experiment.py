@@ -18,7 +18,8 @@ def test_experiment_runs_variants_on_shared_servers_and_reports(tmp_path, task_a
     out = tmp_path / "exp"
     code = experiment.main([
         "--assets", str(task_assets["root"]), "--variants", "topd,opd", "--seeds", "3", "--out", str(out),
-        "train.steps=2", "eval.interval=1", "train.prompts_per_step=4", "rollout.n_samples=2", "rollout.max_new_tokens=32",
+        "train.steps=2", "eval.interval=1", "train.prompts_per_step=4", "rollout.n_samples=2",
+        "rollout.max_new_tokens=32",
         f"rollout.server_python={sglang_python()}", f"rollout.server_log_dir={tmp_path}/logs",
     ])
     assert code == 0
