@@ -122,6 +122,7 @@ class TeacherConfig:
 
 
 NONFINITE = ("skip", "stop")
+GUIDANCE_LAYOUTS = ("auto", "shared_prefix", "rows")
 
 
 @dataclass
@@ -145,6 +146,9 @@ class TrainConfig:
     async_rollouts: bool = False
     rollout_is_correction: bool = False
     rollout_is_cap: float = 2.0
+    # Guidance windows inside their rollout row (shared_prefix: K tokens each instead of prefix + K; needs Megatron's
+    # local attention) or as rows of their own (rows); auto: shared_prefix unless Transformer Engine layers are used.
+    guidance_layout: str = "auto"
 
     def validate(self) -> None:
         for name in ("steps", "prompts_per_step", "max_seq_length", "max_tokens_per_microbatch",
@@ -161,6 +165,8 @@ class TrainConfig:
         for name in ("async_rollouts", "rollout_is_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must be true or false")
+        if self.guidance_layout not in GUIDANCE_LAYOUTS:
+            raise ValueError(f"train.guidance_layout={self.guidance_layout!r}: use one of {', '.join(GUIDANCE_LAYOUTS)}")
         cap = self.rollout_is_cap
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 1.0:
             raise ValueError(f"train.rollout_is_cap={cap!r} must be a finite number >= 1 (the largest per-token "

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_topd.models.precision import PrecisionConfig, transformer_engine_available
+from megatron_topd.models.shared_prefix import enable_token_positions
 from megatron_topd.models.spec import ModelSpec
 
 VOCAB_PAD_MULTIPLE = 128
@@ -168,6 +169,7 @@ def build_gpt_model(
     )
     if spec.rope_scaling is not None:
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(spec).to(model.rotary_pos_emb.inv_freq.device)
+    enable_token_positions(model)  # shared-prefix guidance rows (models/shared_prefix.py)
     if torch.cuda.is_available():
         model.cuda()
     return model

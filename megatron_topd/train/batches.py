@@ -87,15 +87,22 @@ class RolloutRows:
 
 
 def rollout_microbatches(rows: RolloutRows, max_tokens: int, pad_id: int, *, multiple: int = 8,
-                         token_weights: torch.Tensor | None = None) -> list[dict]:
+                         token_weights: torch.Tensor | None = None, guidance: dict | None = None,
+                         windows: list[list[int]] | None = None) -> list[dict]:
     """Microbatches of rollout rows; ``token_weights`` ([rows, >= longest], token-aligned) defaults to ones.
 
     Each carries ``row_index`` (the rows' indices in ``rows``) so per-token results can be put back in row order.
+    ``windows[i]`` (from `windows_per_row`) lists the guidance windows (rows of the ``guidance`` payload) that ride in
+    rollout row i after its last token (models/shared_prefix.py); such microbatches also carry the guidance fields
+    (``loss_index``, ``loss_weights``, ``num_windows``, a remote teacher's ``guidance_topk_*``) and the attention
+    layout (``attention_segment``, ``attention_visible``, per-token ``position_ids``).
     """
     lengths = rows.lengths()
+    packed = lengths if windows is None else [n + sum(_window_len(guidance, w) for w in ws)
+                                              for n, ws in zip(lengths, windows)]
     out = []
-    for idx in pack_rows(lengths, max_tokens, multiple):
-        width = round_up(max(lengths[i] for i in idx), multiple)
+    for idx in pack_rows(packed, max_tokens, multiple):
+        width = round_up(max(packed[i] for i in idx), multiple)
         n = len(idx)
         tokens, mask = rows.tokens_and_mask(idx, width, pad_id)
         weights = torch.zeros((n, width), dtype=torch.float32)
@@ -112,10 +119,74 @@ def rollout_microbatches(rows: RolloutRows, max_tokens: int, pad_id: int, *, mul
 
             k = rows.teacher[0]["topk_ids"].shape[-1] if "topk_ids" in rows.teacher[0] else 0
             extra = teacher_fields(rows.teacher, idx, [len(rows.prompts[i]) for i in idx], width, k)
-        out.append(_microbatch("rollout", tokens, response_mask=mask, token_weights=weights,
-                               rollout_logprobs=logprobs, row_index=torch.tensor(idx, dtype=torch.long),
-                               real_tokens=sum(lengths[i] for i in idx), **extra))
+        mb = _microbatch("rollout", tokens, response_mask=mask, token_weights=weights, rollout_logprobs=logprobs,
+                         row_index=torch.tensor(idx, dtype=torch.long), real_tokens=sum(packed[i] for i in idx),
+                         **extra)
+        if windows is not None and any(windows[i] for i in idx):
+            _add_windows(mb, [lengths[i] for i in idx], [windows[i] for i in idx], guidance)
+        out.append(mb)
     return out
+
+
+def _window_len(guidance: dict, w: int) -> int:
+    return int(guidance["lengths"][w]) - int(guidance["window_start"][w])
+
+
+def windows_per_row(guidance: dict, rows: RolloutRows, max_tokens: int, multiple: int = 8
+                    ) -> tuple[list[list[int]], list[int]]:
+    """The shared-prefix layout's plan: per rollout row, the guidance windows appended to it (payload order), and
+    the windows left over because their row would outgrow ``max_tokens`` (those train as rows of their own).
+
+    ``guidance["row"][w]`` is the rollout row whose first ``window_start[w]`` tokens are window w's prefix; that is
+    checked, since a window attending to another row's tokens would train on a wrong context without any error."""
+    lengths = rows.lengths()
+    per_row: list[list[int]] = [[] for _ in lengths]
+    rest: list[int] = []
+    for w in range(guidance["tokens"].shape[0]):
+        i, t = int(guidance["row"][w]), int(guidance["window_start"][w])
+        full = rows.prompts[i] + rows.responses[i]
+        if t > len(full) or guidance["tokens"][w, :t].tolist() != full[:t]:
+            raise ValueError(f"guidance window {w}: its prefix is not the first {t} tokens of rollout row {i}; the "
+                             "probe's payload and the replica's rows disagree")
+        grown = lengths[i] + sum(_window_len(guidance, v) for v in per_row[i]) + _window_len(guidance, w)
+        (per_row[i] if round_up(grown, multiple) <= max_tokens else rest).append(w)
+    return per_row, rest
+
+
+def _add_windows(mb: dict, lengths: list[int], windows: list[list[int]], guidance: dict) -> None:
+    """Write each row's windows after its rollout tokens, and their loss positions, weights and attention layout.
+
+    Window token i of a window starting at t is predicted by the logits at the rollout's token t - 1 (i = 0) or at
+    the window's token i - 1, exactly the positions `build_guidance` marks as t - 1 + i in the window's own row."""
+    tokens, width = mb["tokens"], mb["tokens"].shape[1]
+    segment = torch.full(tokens.shape, -2, dtype=torch.long)
+    visible = torch.zeros(tokens.shape, dtype=torch.long)
+    positions = mb["position_ids"].clone()
+    index, weights, top_ids, top_lps = [], [], [], []
+    teacher = guidance.get("teacher")
+    for j, (n, ws) in enumerate(zip(lengths, windows)):
+        segment[j, :n] = -1
+        offset = n
+        for local, w in enumerate(ws):
+            t, end = int(guidance["window_start"][w]), int(guidance["lengths"][w])
+            k = end - t
+            tokens[j, offset : offset + k] = guidance["tokens"][w, t:end]
+            segment[j, offset : offset + k] = local
+            visible[j, offset : offset + k] = t
+            positions[j, offset : offset + k] = torch.arange(t, end)
+            pos = torch.nonzero(guidance["logit_weights"][w, :end] > 0).flatten()  # t - 1 + i in the window's row
+            i = pos - (t - 1)
+            index.append(torch.where(i == 0, t - 1, offset + i - 1) + j * width)
+            weights.append(guidance["logit_weights"][w, pos].float())
+            if teacher is not None:
+                top_ids.append(teacher[w]["topk_ids"][i])
+                top_lps.append(teacher[w]["topk_logprobs"][i])
+            offset += k
+    mb.update(attention_segment=segment, attention_visible=visible, position_ids=positions,
+              loss_index=torch.cat(index), loss_weights=torch.cat(weights),
+              num_windows=torch.tensor(float(sum(len(ws) for ws in windows))))
+    if teacher is not None:
+        mb.update(guidance_topk_ids=torch.cat(top_ids), guidance_topk_logprobs=torch.cat(top_lps))
 
 
 def guidance_microbatches(tokens: torch.Tensor, lengths: torch.Tensor, logit_weights: torch.Tensor, max_tokens: int,
@@ -146,7 +217,8 @@ def guidance_microbatches(tokens: torch.Tensor, lengths: torch.Tensor, logit_wei
         extra = {} if teacher is None else {"teacher_topk_ids": torch.cat(top_ids),
                                             "teacher_topk_logprobs": torch.cat(top_lps)}
         out.append(_microbatch("guidance", mb_tokens, loss_index=torch.cat(flat_index),
-                               loss_weights=torch.cat(flat_weights), real_tokens=sum(lens[i] for i in idx), **extra))
+                               loss_weights=torch.cat(flat_weights), num_windows=torch.tensor(float(len(idx))),
+                               real_tokens=sum(lens[i] for i in idx), **extra))
     return out
 
 

@@ -27,7 +27,8 @@ from megatron_topd import parallel
 from megatron_topd.checkpointing import latest_step, load_checkpoint, load_model_weights, save_checkpoint, unwrap
 from megatron_topd.config import Config, load_config, save_config
 from megatron_topd.models import ModelSpec, build_gpt_model, padded_vocab_size
-from megatron_topd.train.batches import RolloutRows, guidance_microbatches, padding_fraction, rollout_microbatches
+from megatron_topd.train.batches import (RolloutRows, guidance_microbatches, padding_fraction, rollout_microbatches,
+                                         windows_per_row)
 from megatron_topd.train.dealing import deal_rows, to_last_stage
 from megatron_topd.train.distill_step import distill_step
 from megatron_topd.train.guard import NonFiniteError, agree_on_nonfinite
@@ -106,6 +107,7 @@ def train(cfg: Config) -> list[dict]:
 
     cfg.validate()
     cfg.parallel.check_machine()
+    guidance_layout(cfg)  # shared_prefix asked for with TE layers: refused before anything starts
     layout = parallel.initialize(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                                  backend=cfg.parallel.backend, seed=cfg.train.seed,
                                  timeout_s=cfg.parallel.timeout_minutes * 60,
@@ -403,20 +405,38 @@ def probe_replica(cfg: Config, step: int, rows: RolloutRows, token_loss, student
     return payload
 
 
+def guidance_layout(cfg: Config) -> str:
+    """``train.guidance_layout`` resolved: shared_prefix where the attention applies a dense mask (not with TE)."""
+    from megatron_topd.models import shared_prefix
+    from megatron_topd.models.build import use_transformer_engine
+
+    if cfg.train.guidance_layout == "auto":
+        return "rows" if use_transformer_engine() else "shared_prefix"
+    if cfg.train.guidance_layout == "shared_prefix":
+        shared_prefix.check_supported()
+    return cfg.train.guidance_layout
+
+
 def train_on_replica(cfg: Config, student, optimizer, scheduler, teacher, rows: RolloutRows, probe: dict,
                      pad_id: int, vocab: int, layout):
     """The training pass over this replica's rollout and guidance microbatches, then one optimizer step."""
     from megatron.core import parallel_state as ps
 
     multiple, budget = _pad_multiple(cfg), cfg.train.max_tokens_per_microbatch
-    batches = rollout_microbatches(rows, budget, pad_id, multiple=multiple, token_weights=probe["token_weights"])
     guidance = probe["guidance"]
-    n_windows = 0
-    if guidance is not None and guidance["tokens"].shape[0] > 0:
-        n_windows = guidance["tokens"].shape[0]
-        batches += guidance_microbatches(guidance["tokens"], guidance["lengths"], guidance["logit_weights"], budget,
-                                         pad_id, multiple=multiple, teacher=guidance.get("teacher"),
-                                         window_start=guidance["window_start"])
+    n_windows = 0 if guidance is None else guidance["tokens"].shape[0]
+    windows, as_rows = None, list(range(n_windows))
+    if n_windows and guidance_layout(cfg) == "shared_prefix":
+        windows, as_rows = windows_per_row(guidance, rows, budget, multiple)
+    batches = rollout_microbatches(rows, budget, pad_id, multiple=multiple, token_weights=probe["token_weights"],
+                                   guidance=guidance, windows=windows)
+    if as_rows:
+        keep = torch.tensor(as_rows)
+        teacher_scores = guidance.get("teacher")
+        batches += guidance_microbatches(guidance["tokens"][keep], guidance["lengths"][keep],
+                                         guidance["logit_weights"][keep], budget, pad_id, multiple=multiple,
+                                         teacher=None if teacher_scores is None else [teacher_scores[w] for w in as_rows],
+                                         window_start=guidance["window_start"][keep])
     real, padded = padding_fraction(batches)
     n_tokens = sum(len(r) for r in rows.responses)
     counts = torch.tensor([n_tokens, n_windows, real, padded], dtype=torch.float64, device=parallel.device())
@@ -494,6 +514,8 @@ def _probe_payload(probe) -> dict:
         "token_weights": probe.token_weights.float().cpu(),
         "guidance": None if g is None else {"tokens": g.tokens.cpu(), "lengths": g.lengths.cpu(),
                                             "window_start": g.window_start.cpu(),
+                                            "row": torch.tensor([probe.requests.owners[c][0] for c in g.candidate],
+                                                                dtype=torch.long),
                                             "logit_weights": g.logit_weights.float().cpu()},
         "n_candidates": int(probe.divergent.numel()),
         "n_divergent": int(probe.divergent.sum()),

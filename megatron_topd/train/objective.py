@@ -47,41 +47,62 @@ def make_loss_fn(teachers: list[torch.Tensor] | None, scales: ObjectiveScales, *
     it = iter(teachers or [])
     per_rank = num_in_call * scales.dp_size
 
+    def rollout_part(logits: torch.Tensor, batch: dict, signal, metrics: dict) -> torch.Tensor:
+        s = rollout_terms(logits, batch, signal, group=group, vocab_size=vocab_size, chunk_size=chunk_size)
+        mask = batch["response_mask"][:, 1:]
+        kl = s.token_loss
+        weights = torch.ones_like(kl) if scales.variant == "opd" else batch["token_weights"][:, 1:]
+        if scales.rollout_is_cap is not None:  # train.rollout_is_correction (off-policy rollouts, async mode)
+            weights = weights * tis_ratio(s.student_logprobs, batch["rollout_logprobs"][:, 1:], mask,
+                                          scales.rollout_is_cap)
+        weighted = torch.where(mask, s.loss * weights, torch.zeros_like(kl)).sum()
+        rollout_lp = batch["rollout_logprobs"][:, 1:]
+        has_lp = mask & torch.isfinite(rollout_lp)
+        diff = torch.where(has_lp, (s.student_logprobs - rollout_lp).abs(), torch.zeros_like(kl))
+        metrics.update(
+            opd_sum=weighted.detach(),  # every estimator's loss term has the value of l_t
+            kl_sum=torch.where(mask, kl, torch.zeros_like(kl)).sum(),
+            entropy_sum=torch.where(mask, s.entropy, torch.zeros_like(kl)).sum(),
+            tokens=mask.sum().float(),
+            logprob_diff_sum=diff.sum(),
+            logprob_diff_count=has_lp.sum().float(),
+            logprob_diff_max=diff.max() if diff.numel() else metrics["logprob_diff_max"],
+        )
+        return weighted * (per_rank / max(scales.global_tokens, 1))
+
+    def guidance_part(logits: torch.Tensor, batch: dict, signal, metrics: dict) -> torch.Tensor:
+        """Forward KL along the teacher's continuations, at the weighted positions only."""
+        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["loss_index"])
+        kl = guidance_kl(flat, guidance_signal(signal, batch), group=group, vocab_size=vocab_size,
+                         chunk_size=chunk_size)
+        weighted = guidance_sum(kl, batch["loss_weights"])
+        metrics.update(traj_sum=weighted.detach(), windows=batch["num_windows"].float())  # windows, not weight sums
+        return scales.lambda_traj * weighted * (per_rank / max(scales.global_windows, 1))
+
     def loss_fn(logits: torch.Tensor, batch: dict):
         signal = next(it)
         zero = logits.new_zeros((), dtype=torch.float32)
         metrics = {name: zero for name in METRIC_NAMES}
+        loss = zero
         if batch["kind"] == "rollout":
-            s = rollout_terms(logits, batch, signal, group=group, vocab_size=vocab_size, chunk_size=chunk_size)
-            mask = batch["response_mask"][:, 1:]
-            kl = s.token_loss
-            weights = torch.ones_like(kl) if scales.variant == "opd" else batch["token_weights"][:, 1:]
-            if scales.rollout_is_cap is not None:  # train.rollout_is_correction (off-policy rollouts, async mode)
-                weights = weights * tis_ratio(s.student_logprobs, batch["rollout_logprobs"][:, 1:], mask,
-                                              scales.rollout_is_cap)
-            weighted = torch.where(mask, s.loss * weights, torch.zeros_like(kl)).sum()
-            loss = weighted * (per_rank / max(scales.global_tokens, 1))
-            rollout_lp = batch["rollout_logprobs"][:, 1:]
-            has_lp = mask & torch.isfinite(rollout_lp)
-            diff = torch.where(has_lp, (s.student_logprobs - rollout_lp).abs(), torch.zeros_like(kl))
-            metrics.update(
-                opd_sum=weighted.detach(),  # every estimator's loss term has the value of l_t
-                kl_sum=torch.where(mask, kl, torch.zeros_like(kl)).sum(),
-                entropy_sum=torch.where(mask, s.entropy, torch.zeros_like(kl)).sum(),
-                tokens=mask.sum().float(),
-                logprob_diff_sum=diff.sum(),
-                logprob_diff_count=has_lp.sum().float(),
-                logprob_diff_max=diff.max() if diff.numel() else zero,
-            )
-            return loss, metrics
-        # guidance rows: forward KL along the teacher's continuation, at the weighted positions only
-        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["loss_index"])
-        kl = guidance_kl(flat, signal, group=group, vocab_size=vocab_size, chunk_size=chunk_size)
-        weighted = guidance_sum(kl, batch["loss_weights"])
-        metrics.update(traj_sum=weighted.detach(), windows=zero + batch["tokens"].shape[0])  # rows, not weight sums
-        return scales.lambda_traj * weighted * (per_rank / max(scales.global_windows, 1)), metrics
+            loss = loss + rollout_part(logits, batch, signal, metrics)
+        if "loss_index" in batch:  # guidance rows, or rollout rows carrying their windows (shared prefix)
+            loss = loss + guidance_part(logits, batch, signal, metrics)
+        return loss, metrics
 
     return loss_fn
+
+
+def guidance_signal(signal, batch: dict):
+    """The teacher's signal at a microbatch's guidance positions (``loss_index`` order).
+
+    Guidance rows already get it there. Rollout rows carrying windows (shared prefix) get the co-located teacher's
+    full-row logit shard, indexed like the student's, or a remote teacher's window scores from the batch."""
+    if batch["kind"] == "guidance":
+        return signal
+    if torch.is_tensor(signal):
+        return signal.reshape(-1, signal.shape[-1]).index_select(0, batch["loss_index"])
+    return {"topk_ids": batch["guidance_topk_ids"], "topk_logprobs": batch["guidance_topk_logprobs"]}
 
 
 def guidance_sum(kl: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:

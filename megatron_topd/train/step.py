@@ -25,15 +25,14 @@ class StepResult:
 
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
+    from megatron_topd.models.shared_prefix import mask_for, token_positions
     from megatron_topd.parallel import device
 
     dev = device()
     batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(data_iterator).items()}
-    output = model(
-        input_ids=batch["tokens"],
-        position_ids=batch["position_ids"],
-        attention_mask=batch.get("attention_mask"),
-    )
+    mask = mask_for(batch)  # None: causal rows; else rollout rows carrying their guidance windows
+    with token_positions(batch["position_ids"] if mask is not None else None):
+        output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=mask)
 
     def loss_func(output_tensor):
         loss, metrics = loss_fn(output_tensor, batch)

@@ -9,13 +9,20 @@ from megatron_topd.models import ModelSpec
 SPEC = ModelSpec(vocab_size=131, hidden_size=32, num_layers=4, num_attention_heads=4, num_kv_heads=2,
                  ffn_hidden_size=64)  # vocab 131 pads to 256: padding must stay out of every softmax
 VARIANTS = ("opd", "opd_suppress", "topd")
+# topd with its guidance windows inside their rollout rows (train.guidance_layout=shared_prefix): the same reference
+RUN_VARIANTS = VARIANTS + ("topd_shared_prefix",)
+REFERENCE_OF = {"topd_shared_prefix": "topd"}
 LAMBDA = 0.7
 BUDGET = 160  # tokens per microbatch: several microbatches of different shapes
 GROUP = 2  # teacher_group_microbatches
 
 
+WINDOWS = ((4, 7, 6), (1, 50, 8), (1, 90, 35))  # (rollout row, t, K): the third outgrows BUDGET in its row
+
+
 def data() -> dict:
-    """6 rollouts of 5..120 tokens, token weights with suppressed positions, 3 guidance rows (prefix + window)."""
+    """6 rollouts of 5..120 tokens, token weights with suppressed positions, 3 guidance rows (a rollout's first t
+    tokens + a window of K; two share rollout row 1)."""
     g = torch.Generator().manual_seed(5)
     lengths = [(2, 3), (5, 115), (3, 40), (4, 9), (6, 70), (2, 24)]  # (prompt, response)
     prompts = [torch.randint(0, SPEC.vocab_size, (p,), generator=g).tolist() for p, _ in lengths]
@@ -24,8 +31,9 @@ def data() -> dict:
     width = max(p + r for p, r in lengths)
     weights = torch.where(torch.rand(len(lengths), width, generator=g) < 0.25, 0.0, 1.0)
     g_rows, g_weights, g_lengths = [], [], []
-    for prefix, k in ((7, 6), (50, 8), (90, 5)):
-        g_rows.append(torch.randint(0, SPEC.vocab_size, (prefix + k,), generator=g))
+    for row, prefix, k in WINDOWS:
+        g_rows.append(torch.tensor((prompts[row] + responses[row])[:prefix]
+                                   + torch.randint(0, SPEC.vocab_size, (k,), generator=g).tolist()))
         w = torch.zeros(prefix + k)
         w[prefix - 1 : prefix - 1 + k] = torch.rand(k, generator=g) + 0.1
         g_weights.append(w / w.sum())
@@ -37,7 +45,8 @@ def data() -> dict:
         g_tokens[i, : len(r)] = r
         g_logit_weights[i, : len(w)] = w
     return {"prompts": prompts, "responses": responses, "logprobs": logprobs, "token_weights": weights,
-            "g_tokens": g_tokens, "g_lengths": torch.tensor(g_lengths), "g_weights": g_logit_weights}
+            "g_tokens": g_tokens, "g_lengths": torch.tensor(g_lengths), "g_weights": g_logit_weights,
+            "g_start": torch.tensor([t for _, t, _ in WINDOWS]), "g_row": [r for r, _, _ in WINDOWS]}
 
 
 def make_init(root: str) -> None:
@@ -128,7 +137,7 @@ def parallel_step(root: str, tp: int, pp: int, out_root: str, **knobs) -> dict:
     from megatron_topd.checkpointing import load_model_weights, save_checkpoint
     from megatron_topd.config import ParallelConfig
     from megatron_topd.models import build_gpt_model
-    from megatron_topd.train.batches import RolloutRows, guidance_microbatches, rollout_microbatches
+    from megatron_topd.train.batches import guidance_microbatches, rollout_microbatches, windows_per_row
     from megatron_topd.train.distill_step import distill_step
     from megatron_topd.train.loop import StepBatch, replica_rows
     from megatron_topd.train.objective import ObjectiveScales
@@ -145,14 +154,27 @@ def parallel_step(root: str, tp: int, pp: int, out_root: str, **knobs) -> dict:
     rows = replica_rows(batch, layout)
     mine = [d["prompts"].index(p) for p in rows.prompts]  # prompts are distinct
     out = {}
-    for variant in VARIANTS:
+    for variant in RUN_VARIANTS:
         student = [wrap_ddp(build_gpt_model(SPEC, **overrides), use_distributed_optimizer=False)]
         load_model_weights(f"{root}/student/step_00000000", student)
         sgd = OptimConfig(optimizer="sgd", lr=1.0, clip_grad=0.0, use_distributed_optimizer=False)
         sgd.validate()
         optimizer, scheduler = build_optimizer(student, sgd)
-        batches = rollout_microbatches(rows, BUDGET, 0, token_weights=d["token_weights"][mine])
         windows = 0
+        if variant == "topd_shared_prefix":  # as the loop does it: each replica carries its own rows' windows
+            here = [w for w in range(3) if d["g_row"][w] in mine]
+            guidance = {"tokens": d["g_tokens"][here], "lengths": d["g_lengths"][here],
+                        "window_start": d["g_start"][here], "logit_weights": d["g_weights"][here],
+                        "row": torch.tensor([mine.index(d["g_row"][w]) for w in here], dtype=torch.long)}
+            per_row, rest = windows_per_row(guidance, rows, BUDGET)
+            assert rest == ([here.index(2)] if 2 in here else []), "the long window goes as a row of its own"
+            batches = rollout_microbatches(rows, BUDGET, 0, token_weights=d["token_weights"][mine],
+                                           guidance=guidance, windows=per_row)
+            batches += guidance_microbatches(guidance["tokens"][rest], guidance["lengths"][rest],
+                                             guidance["logit_weights"][rest], BUDGET, 0) if rest else []
+            windows = len(here)
+        else:
+            batches = rollout_microbatches(rows, BUDGET, 0, token_weights=d["token_weights"][mine])
         if variant == "topd":
             share = [i for i in range(3) if i % layout.data_parallel == layout.dp_rank]
             windows = len(share)
@@ -160,9 +182,10 @@ def parallel_step(root: str, tp: int, pp: int, out_root: str, **knobs) -> dict:
                                              BUDGET, 0)
         assert len({b["tokens"].shape for b in batches}) > 1, "microbatches of several shapes"
         n_tokens = sum(len(r) for r in d["responses"])
+        is_topd = variant.startswith("topd")
         scales = ObjectiveScales(dp_size=layout.data_parallel, global_tokens=n_tokens,
-                                 global_windows=3 if variant == "topd" else 0,
-                                 lambda_traj=LAMBDA if variant == "topd" else 0.0, variant=variant)
+                                 global_windows=3 if is_topd else 0,
+                                 lambda_traj=LAMBDA if is_topd else 0.0, variant="topd" if is_topd else variant)
         result = distill_step(student, optimizer, scheduler, teacher, batches, scales, group_size=GROUP,
                               vocab_size=SPEC.vocab_size, chunk_size=16)
         save_checkpoint(f"{out_root}/{variant}", 1, student)
@@ -188,7 +211,7 @@ def updates_via_checkpoint(root: str, out_roots: list[str]) -> list[dict]:
     out = []
     for r in out_roots:
         per_variant = {}
-        for variant in VARIANTS:
+        for variant in RUN_VARIANTS:
             load_model_weights(f"{r}/{variant}/step_00000001", [model])
             per_variant[variant] = {k: init[k] - p.detach() for k, p in unwrap(model).named_parameters()}
         out.append(per_variant)
