@@ -13,6 +13,8 @@ Rollout microbatches: the per-token term of `teacher.kl`'s estimator (train/esti
 vocabulary-parallel pass gives l_t, log pi_S(y_t), log pi_T(y_t) and the student's entropy; memory is one
 ``[chunk, V/TP]`` chunk beyond the logits). Guidance microbatches: the forward KL runs only at
 the K weighted positions per row (``loss_index``): ``[rows x K, V/TP]`` instead of ``[rows, prefix + K, V/TP]``.
+Rollout microbatches that carry their rows' guidance windows (``train.guidance_layout=shared_prefix``) add both
+terms: the OPD term on the response tokens, the guidance KL at ``loss_index`` (`guidance_signal`).
 Metrics are sums (and ``_max`` maxima) so they combine exactly over microbatches, groups and replicas.
 Non-finite logits are not raised here (that would strand the other pipeline stages): they make a non-finite loss,
 which the step's guard turns into one decision on every rank.
