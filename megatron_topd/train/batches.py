@@ -158,14 +158,16 @@ def _add_windows(mb: dict, lengths: list[int], windows: list[list[int]], guidanc
 
     Window token i of a window starting at t is predicted by the logits at the rollout's token t - 1 (i = 0) or at
     the window's token i - 1, exactly the positions `build_guidance` marks as t - 1 + i in the window's own row."""
+    from megatron_topd.models.shared_prefix import PADDING, ROLLOUT
+
     tokens, width = mb["tokens"], mb["tokens"].shape[1]
-    segment = torch.full(tokens.shape, -2, dtype=torch.long)
+    segment = torch.full(tokens.shape, PADDING, dtype=torch.long)
     visible = torch.zeros(tokens.shape, dtype=torch.long)
     positions = mb["position_ids"].clone()
     index, weights, top_ids, top_lps = [], [], [], []
     teacher = guidance.get("teacher")
     for j, (n, ws) in enumerate(zip(lengths, windows)):
-        segment[j, :n] = -1
+        segment[j, :n] = ROLLOUT
         offset = n
         for local, w in enumerate(ws):
             t, end = int(guidance["window_start"][w]), int(guidance["lengths"][w])
