@@ -1,10 +1,10 @@
 """`SGLangClient`: batched generation, teacher scoring and TOPD continuation windows over SGLang's HTTP API.
 
 Token ids in, token ids out (the trainer owns tokenization). Every call validates its inputs before sending anything
-(an out-of-range id or an empty prompt crashes an SGLang server), spreads one HTTP request per prompt over the
-servers (`ServerPool`), retries failed requests elsewhere, and validates every answer: each sample carries a request
-id (rid) of its own, and an answer is accepted only if it holds exactly the rids that were sent, in order. A call
-therefore returns every requested sample exactly once, or raises.
+(an out-of-range id or an empty prompt crashes an SGLang server), spreads one HTTP request per prompt (for the
+probe's windows: per group of prefixes) over the servers (`ServerPool`), retries failed requests elsewhere, and
+validates every answer: each sample carries a request id (rid) of its own, and an answer is accepted only if it holds
+exactly the rids that were sent, in order. A call therefore returns every requested sample exactly once, or raises.
 
 Sync methods (`generate`, `score`, `continue_prefixes`) wrap the async ones (`agenerate`, `ascore`) for callers that
 are not in an event loop, such as the training loop. `continue_prefixes` implements `topd.sampler.ContinuationSampler`.
@@ -116,12 +116,18 @@ class SGLangClient:
         return_logprobs: bool = True,
         top_logprobs: int = 0,
         on_prompt_done=None,
+        prompts_per_request: int = 1,
         _what: str = "prompts",
     ) -> list[list[Generation]]:
         """`params.n` generations per prompt: `result[i][j]` is sample j of prompt i.
 
         ``on_prompt_done(i, generations)`` (async) runs as soon as prompt i's samples are back - e.g. to score them
-        with a remote teacher while other prompts still generate; its failure fails the call."""
+        with a remote teacher while other prompts still generate; its failure fails the call.
+        ``prompts_per_request``: prompts sent together in one HTTP request (one entry per sample; retried together).
+        Many short generations (the probe's windows) reach the server's scheduler at once this way, instead of
+        trickling in one request at a time under `max_inflight_per_server`."""
+        if isinstance(prompts_per_request, bool) or not isinstance(prompts_per_request, int) or prompts_per_request < 1:
+            raise ValueError(f"prompts_per_request={prompts_per_request!r}: use an integer >= 1")
         params.validate(self.vocab_size)
         if params.seed is None and not params.greedy:
             # Unseeded = a fresh seed per call. A deterministic server gives every request without sampling_seed the
@@ -135,48 +141,56 @@ class SGLangClient:
             max_new_tokens=params.max_new_tokens, context_length=self.context_length,
         )
         call = f"{self._tag}-{next(_CALLS)}"
-        async def then(i, job):
-            gens = await job
+        async def then(first, job):
+            per_prompt = await job
             if on_prompt_done is not None:
-                await on_prompt_done(i, gens)
-            return gens
+                for i, gens in enumerate(per_prompt, start=first):
+                    await on_prompt_done(i, gens)
+            return per_prompt
 
-        return await self._run_jobs(
+        starts = range(0, len(prompts), prompts_per_request)
+        groups = await self._run_jobs(
             lambda session: [
-                then(i, self._generate_one(session, call, i, p, params, return_logprobs, top_logprobs))
-                for i, p in enumerate(prompts)
+                then(first, self._generate_group(session, call, first, prompts[first:first + prompts_per_request],
+                                                 params, return_logprobs, top_logprobs))
+                for first in starts
             ],
             what="generate",
             total_samples=len(prompts) * params.n,
         )
+        return [gens for group in groups for gens in group]
 
     def generate(self, prompts, params: SamplingParams, **kw) -> list[list[Generation]]:
         return _run_sync(self.agenerate(prompts, params, **kw), "agenerate")
 
-    async def _generate_one(self, session, call, index, prompt, params, return_logprobs, top_logprobs):
+    async def _generate_group(self, session, call, first, prompts, params, return_logprobs, top_logprobs):
+        """Prompts ``first, first + 1, ...`` in one HTTP request; returns each prompt's ``params.n`` generations."""
         # Greedy samples are identical: compute one and copy it n times.
         n_sent = 1 if params.greedy else params.n
+        keys = [(first + i, j) for i in range(len(prompts)) for j in range(n_sent)]  # (prompt index, sample)
+        where = f"prompt {first}" if len(prompts) == 1 else f"prompts {first}..{first + len(prompts) - 1}"
 
         def payload(attempt: int) -> dict:
             return {
-                "input_ids": [prompt] * n_sent,
-                "rid": [_rid(call, index, j, attempt) for j in range(n_sent)],
-                "sampling_params": [params.for_sample(index, j) for j in range(n_sent)],
+                "input_ids": [prompts[i - first] for i, _ in keys],
+                "rid": [_rid(call, i, j, attempt) for i, j in keys],
+                "sampling_params": [params.for_sample(i, j) for i, j in keys],
                 "return_logprob": return_logprobs or top_logprobs > 0,
                 "top_logprobs_num": top_logprobs,
                 "logprob_start_len": -1,  # outputs only
             }
 
-        def check(body: Any, attempt: int) -> list[Generation]:
-            items = _expect_list(body, n_sent, f"generate prompt {index}")
-            return [
-                _parse_generation(item, _rid(call, index, j, attempt), params, len(prompt), self.vocab_size,
-                                  return_logprobs, top_logprobs, f"prompt {index} sample {j}")
-                for j, item in enumerate(items)
+        def check(body: Any, attempt: int) -> list[list[Generation]]:
+            items = _expect_list(body, len(keys), f"generate {where}")
+            gens = [
+                _parse_generation(item, _rid(call, i, j, attempt), params, len(prompts[i - first]), self.vocab_size,
+                                  return_logprobs, top_logprobs, f"prompt {i} sample {j}")
+                for item, (i, j) in zip(items, keys)
             ]
+            return [gens[k * n_sent:(k + 1) * n_sent] for k in range(len(prompts))]
 
-        gens = await self._post(session, "/generate", payload, check, f"generate(prompt {index})")
-        return [copy.deepcopy(gens[0]) for _ in range(params.n)] if params.greedy else gens
+        groups = await self._post(session, "/generate", payload, check, f"generate({where})")
+        return [[copy.deepcopy(g[0]) for _ in range(params.n)] if params.greedy else g for g in groups]
 
     # --- teacher scoring ----------------------------------------------------------------------------------------
     async def ascore(
@@ -262,7 +276,8 @@ class SGLangClient:
     async def acontinue_prefixes(self, prefixes, *, max_new_tokens, n, temperature, top_p, seed):
         params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed,
                                 stream="window")  # never the random streams of rollouts given the same seed
-        gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes")
+        gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes",
+                                    prompts_per_request=window_prompts_per_request(len(prefixes), len(self.urls)))
         return [[g.token_ids for g in row] for row in gens]
 
     # --- plumbing -----------------------------------------------------------------------------------------------
@@ -302,6 +317,16 @@ class SGLangClient:
         if not all(filled):
             raise InvalidResponse(f"{what}: {filled.count(False)} requests never completed")
         return results
+
+
+WINDOW_PROMPTS_PER_REQUEST = 64  # at most: bounds a request's body (16k-token prefixes) and what one retry repeats
+
+
+def window_prompts_per_request(n_prefixes: int, n_servers: int) -> int:
+    """The probe's prefixes per HTTP request: an even share per server, at most `WINDOW_PROMPTS_PER_REQUEST`, so a
+    server's scheduler gets its share of the short windows at once and prefills and decodes them as one batch (the
+    few requests per server stay far below `max_inflight_per_server`)."""
+    return max(1, min(WINDOW_PROMPTS_PER_REQUEST, math.ceil(n_prefixes / max(n_servers, 1))))
 
 
 # --- response parsing ---------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Generation, scoring and continuation windows from a real SGLang server equal Hugging Face transformers."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from megatron_topd.rollout import PromptDataset, SamplingParams, collect_rollouts, read_records, write_records
+from megatron_topd.rollout.client import WINDOW_PROMPTS_PER_REQUEST, window_prompts_per_request
 from megatron_topd.testing.tiny_hf import EOS_ID, IM_START_ID, hf_greedy, hf_token_logprobs
 from megatron_topd.topd.sampler import ContinuationSampler
 
@@ -102,6 +105,39 @@ def test_continuation_windows_follow_the_topd_protocol(rollout_target):
         for w in windows:
             assert 1 <= len(w) <= 10 and all(0 <= t < 1000 for t in w)
             assert len(w) == 10 or w[-1] == EOS_ID
+
+
+def _generate_posts(server) -> int:
+    return server.log_path.read_text(errors="replace").count('"POST /generate HTTP/1.1" 200')
+
+
+def _posts_after(server, before: int, want: int) -> int:
+    """POST /generate lines logged since ``before``, once at least ``want`` are there (the access log lags)."""
+    deadline = time.monotonic() + 10
+    while _generate_posts(server) - before < want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    return _generate_posts(server) - before
+
+
+def test_windows_go_out_grouped_one_request_per_server(rollout_target):
+    """The probe's prefixes reach the server in one HTTP request (not one each), with the same greedy windows."""
+    client = rollout_target.client()
+    prefixes = [PROMPTS[0] + [5, 6], PROMPTS[1], PROMPTS[2][:7], PROMPTS[3], PROMPTS[0][:2]]
+    assert window_prompts_per_request(len(prefixes), 1) == len(prefixes)
+    assert window_prompts_per_request(190, 4) == 48 and window_prompts_per_request(500, 1) == WINDOW_PROMPTS_PER_REQUEST
+    before = _generate_posts(rollout_target.server)
+    grouped = client.continue_prefixes(prefixes, max_new_tokens=6, n=2, temperature=0.0, top_p=1.0, seed=None)
+    assert _posts_after(rollout_target.server, before, 1) == 1
+    before = _generate_posts(rollout_target.server)
+    params = SamplingParams(max_new_tokens=6, n=2, temperature=0.0, stream="window")
+    one_each = client.generate(prefixes, params, return_logprobs=False, prompts_per_request=1)
+    assert _posts_after(rollout_target.server, before, len(prefixes)) == len(prefixes)
+    assert grouped == [[g.token_ids for g in row] for row in one_each]
+    hf = rollout_target.hf()
+    assert grouped == [[hf_greedy(hf, p, 6)[0]] * 2 for p in prefixes]
+    with pytest.raises(ValueError, match="prompts_per_request=0"):
+        client.generate(prefixes, params, prompts_per_request=0)
 
 
 def test_prompt_file_to_records_roundtrip_with_weight_version(rollout_target, tmp_path):
