@@ -1,11 +1,13 @@
-"""The probe's window generation against a real SGLang server: one HTTP request per prefix (before) against the
-prefixes grouped per server (`client.window_prompts_per_request`, after), side by side in one run.
+"""The probe's window generation against a real SGLang server, three request layouts side by side in one run:
+one HTTP request per prefix (the first code), the prefixes grouped per server (`window_prompts_per_request`), and
+prefix families (`client.window_request_plan`: each row's longest prefix first, the row's shorter prefixes after it
+to the same server).
 
 Setup (bench_step's TOPD step on one server): the tiny student of `testing/tiny_assets.py`, 16 prompts x 4 samples of
-48 tokens generated first (so the server's radix cache holds the rollouts, as the student's does in a step), then
-3 candidates per response and a window of 8 tokens: ~190 prefixes. Every round flushes the cache, regenerates the
-rollouts (untimed) and times each layout once, alternating which goes first; the greedy windows of both
-layouts are compared.
+48 tokens, 3 candidates per response and a window of 8 tokens: ~190 prefixes. Two cache states: "warm" - the server
+holds the rollout rows' KV (a student server that generated them), "cold" - it holds nothing (the teacher's server,
+which never sees the rollouts). Every round draws new candidates and times each layout once per state (cache flushed,
+then the rows prefilled for "warm"), alternating the order; the greedy windows of the layouts are compared.
 
     .venv/bin/python benchmarks/bench_windows.py --rounds 5
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import statistics
 import sys
 import time
@@ -41,7 +44,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from megatron_topd.rollout import SGLangClient, SGLangServer
-    from megatron_topd.rollout.client import window_prompts_per_request
+    from megatron_topd.rollout.client import prefix_families, window_prompts_per_request, window_request_plan
     from megatron_topd.rollout.sampling import SamplingParams
     from megatron_topd.testing.tiny_assets import build_tiny_assets
     from megatron_topd.testing.tiny_hf import load_spec
@@ -59,34 +62,58 @@ def main() -> None:
                                  ignore_eos=True)
         window = SamplingParams(max_new_tokens=args.window, n=1, temperature=0.0, stream="window")
 
-        def windows(prefixes, per_request):
+        plans = {
+            "one request per prefix": lambda ps: [[[i]] for i in range(len(ps))],
+            "grouped per server": lambda ps: [[list(range(len(ps)))[f:f + window_prompts_per_request(len(ps), 1)]]
+                                              for f in range(0, len(ps), window_prompts_per_request(len(ps), 1))],
+            "prefix families": lambda ps: window_request_plan(ps, 1),
+        }
+
+        def windows(prefixes, plan):
+            log_at = server.log_path.stat().st_size
             t = time.perf_counter()
             gens = asyncio.run(client.agenerate(prefixes, window, return_logprobs=False, _what="prefixes",
-                                                prompts_per_request=per_request))
-            return time.perf_counter() - t, [[g.token_ids for g in row] for row in gens]
+                                                request_plan=plan))
+            seconds = time.perf_counter() - t
+            time.sleep(0.3)  # the scheduler's log lines of the last batch
+            with open(server.log_path, "rb") as f:
+                f.seek(log_at)
+                log = f.read().decode(errors="replace")
+            prefilled[plan] = (sum(map(int, re.findall(r"#new-token: (\d+)", log))),
+                               sum(map(int, re.findall(r"#cached-token: (\d+)", log))))
+            return seconds, [[g.token_ids for g in row] for row in gens]
 
-        times: dict[str, list[float]] = {"one request per prefix": [], "grouped per server": []}
-        same: list[float] = []  # greedy windows equal under both layouts (float32 batching can flip a near-tie)
+        times = {(state, name): [] for state in ("warm", "cold") for name in plans}
+        prefilled: dict = {}
+        tokens = {key: [] for key in times}  # (tokens prefilled, tokens found in the radix cache) per call
+        same: list[float] = []  # greedy windows equal across layouts (float32 batching can flip a near-tie)
         for r in range(args.rounds):
-            layouts = list(times)
-            for name in layouts if r % 2 == 0 else layouts[::-1]:
-                _flush(server.url)
-                rows = [p + g.token_ids for p, gens in zip(prompts, client.generate(prompts, rollout)) for g in gens]
-                prefixes = [row[:t] for row in rows
-                            for t in sorted(rng.sample(range(13, len(row)), args.candidates))]
-                per_request = 1 if name.startswith("one") else window_prompts_per_request(len(prefixes), 1)
-                seconds, out = windows(prefixes, per_request)
-                again = windows(prefixes, 1 if per_request > 1 else window_prompts_per_request(len(prefixes), 1))[1]
-                same.append(sum(a == b for a, b in zip(out, again)) / len(out))
-                times[name].append(seconds)
-            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), flush=True)
-    print(f"\n{len(prefixes)} prefixes x {args.window}-token greedy windows, one server, {args.rounds} rounds; "
-          f"identical windows under both layouts: {100 * min(same):.1f}% (worst round)")
-    base = statistics.median(times["one request per prefix"])
-    for name, v in times.items():
-        med = statistics.median(v)
-        print(f"{name:24s} median {med:.3f} s  best {min(v):.3f} s  speed-up {base / med:.2f}x")
-
+            _flush(server.url)
+            rows = [p + g.token_ids for p, gens in zip(prompts, client.generate(prompts, rollout)) for g in gens]
+            prefixes = [row[:t] for row in rows for t in sorted(rng.sample(range(13, len(row)), args.candidates))]
+            for state in ("warm", "cold"):
+                outs = []
+                for name in list(plans) if r % 2 == 0 else list(plans)[::-1]:
+                    _flush(server.url)
+                    if state == "warm":  # the rows' KV in the radix cache, as a student server holds it
+                        client.generate(rows, SamplingParams(max_new_tokens=1, temperature=0.0))
+                    seconds, out = windows(prefixes, plans[name])
+                    times[(state, name)].append(seconds)
+                    tokens[(state, name)].append(prefilled[plans[name]])
+                    outs.append(out)
+                same += [sum(a == b for a, b in zip(outs[0], o)) / len(o) for o in outs[1:]]
+            print(f"round {r}: " + ", ".join(f"{s} / {n} {v[-1]:.3f} s" for (s, n), v in times.items()), flush=True)
+    print(f"\n{len(prefixes)} prefixes ({len(prefix_families(prefixes))} rows' families) x {args.window}-token greedy "
+          f"windows, one server, {args.rounds} rounds; identical windows across layouts: {100 * min(same):.1f}% "
+          "(worst round)")
+    for state in ("warm", "cold"):
+        base = statistics.median(times[(state, "one request per prefix")])
+        for name in plans:
+            v = times[(state, name)]
+            med = statistics.median(v)
+            new, cached = (statistics.mean(x) for x in zip(*tokens[(state, name)]))
+            print(f"{state} cache, {name:24s} median {med:.3f} s  best {min(v):.3f} s  speed-up {base / med:.2f}x  "
+                  f"prefilled {new:.0f} tokens, {cached:.0f} from the cache")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,8 @@
 
 Token ids in, token ids out (the trainer owns tokenization). Every call validates its inputs before sending anything
 (an out-of-range id or an empty prompt crashes an SGLang server), spreads one HTTP request per prompt (for the
-probe's windows: per group of prefixes) over the servers (`ServerPool`), retries failed requests elsewhere, and
+probe's windows: per family of prefixes, `window_request_plan`) over the servers (`ServerPool`), retries failed
+requests elsewhere, and
 validates every answer: each sample carries a request id (rid) of its own, and an answer is accepted only if it holds
 exactly the rids that were sent, in order. A call therefore returns every requested sample exactly once, or raises.
 
@@ -117,6 +118,7 @@ class SGLangClient:
         top_logprobs: int = 0,
         on_prompt_done=None,
         prompts_per_request: int = 1,
+        request_plan=None,
         _what: str = "prompts",
     ) -> list[list[Generation]]:
         """`params.n` generations per prompt: `result[i][j]` is sample j of prompt i.
@@ -125,7 +127,11 @@ class SGLangClient:
         with a remote teacher while other prompts still generate; its failure fails the call.
         ``prompts_per_request``: prompts sent together in one HTTP request (one entry per sample; retried together).
         Many short generations (the probe's windows) reach the server's scheduler at once this way, instead of
-        trickling in one request at a time under `max_inflight_per_server`."""
+        trickling in one request at a time under `max_inflight_per_server`.
+        ``request_plan(prompts) -> jobs`` replaces that grouping: each job is a list of requests (lists of prompt
+        indices) sent one after another to the same server, every prompt in exactly one request (e.g.
+        `window_request_plan`: the longest prompt of each prefix family first, the prefixes it extends after it).
+        Seeds and rids follow the prompt index, so the samples do not depend on the plan."""
         if isinstance(prompts_per_request, bool) or not isinstance(prompts_per_request, int) or prompts_per_request < 1:
             raise ValueError(f"prompts_per_request={prompts_per_request!r}: use an integer >= 1")
         params.validate(self.vocab_size)
@@ -140,39 +146,47 @@ class SGLangClient:
             prompts, what=_what, vocab_size=self.vocab_size,
             max_new_tokens=params.max_new_tokens, context_length=self.context_length,
         )
+        if request_plan is None:
+            jobs = [[list(range(first, min(first + prompts_per_request, len(prompts))))]
+                    for first in range(0, len(prompts), prompts_per_request)]
+        else:
+            jobs = _checked_plan(request_plan(prompts), len(prompts))
         call = f"{self._tag}-{next(_CALLS)}"
-        async def then(first, job):
-            per_prompt = await job
-            if on_prompt_done is not None:
-                for i, gens in enumerate(per_prompt, start=first):
-                    await on_prompt_done(i, gens)
-            return per_prompt
 
-        starts = range(0, len(prompts), prompts_per_request)
-        groups = await self._run_jobs(
-            lambda session: [
-                then(first, self._generate_group(session, call, first, prompts[first:first + prompts_per_request],
-                                                 params, return_logprobs, top_logprobs))
-                for first in starts
-            ],
+        async def run_job(session, job):
+            affinity: list = [None]  # the job's later requests follow its first one to the same server
+            done = {}
+            for indices in job:
+                gens = await self._generate_group(session, call, indices, prompts, params, return_logprobs,
+                                                  top_logprobs, affinity)
+                for i, g in zip(indices, gens):
+                    done[i] = g
+                    if on_prompt_done is not None:
+                        await on_prompt_done(i, g)
+            return done
+
+        results = await self._run_jobs(
+            lambda session: [run_job(session, job) for job in jobs],
             what="generate",
             total_samples=len(prompts) * params.n,
         )
-        return [gens for group in groups for gens in group]
+        by_prompt = {i: g for done in results for i, g in done.items()}
+        return [by_prompt[i] for i in range(len(prompts))]
 
     def generate(self, prompts, params: SamplingParams, **kw) -> list[list[Generation]]:
         return _run_sync(self.agenerate(prompts, params, **kw), "agenerate")
 
-    async def _generate_group(self, session, call, first, prompts, params, return_logprobs, top_logprobs):
-        """Prompts ``first, first + 1, ...`` in one HTTP request; returns each prompt's ``params.n`` generations."""
+    async def _generate_group(self, session, call, indices, prompts, params, return_logprobs, top_logprobs,
+                              affinity=None):
+        """Prompts ``indices`` in one HTTP request; returns each one's ``params.n`` generations, in that order."""
         # Greedy samples are identical: compute one and copy it n times.
         n_sent = 1 if params.greedy else params.n
-        keys = [(first + i, j) for i in range(len(prompts)) for j in range(n_sent)]  # (prompt index, sample)
-        where = f"prompt {first}" if len(prompts) == 1 else f"prompts {first}..{first + len(prompts) - 1}"
+        keys = [(i, j) for i in indices for j in range(n_sent)]  # (prompt index, sample)
+        where = f"prompt {indices[0]}" if len(indices) == 1 else f"prompts {_span(indices)}"
 
         def payload(attempt: int) -> dict:
             return {
-                "input_ids": [prompts[i - first] for i, _ in keys],
+                "input_ids": [prompts[i] for i, _ in keys],
                 "rid": [_rid(call, i, j, attempt) for i, j in keys],
                 "sampling_params": [params.for_sample(i, j) for i, j in keys],
                 "return_logprob": return_logprobs or top_logprobs > 0,
@@ -183,13 +197,13 @@ class SGLangClient:
         def check(body: Any, attempt: int) -> list[list[Generation]]:
             items = _expect_list(body, len(keys), f"generate {where}")
             gens = [
-                _parse_generation(item, _rid(call, i, j, attempt), params, len(prompts[i - first]), self.vocab_size,
+                _parse_generation(item, _rid(call, i, j, attempt), params, len(prompts[i]), self.vocab_size,
                                   return_logprobs, top_logprobs, f"prompt {i} sample {j}")
                 for item, (i, j) in zip(items, keys)
             ]
-            return [gens[k * n_sent:(k + 1) * n_sent] for k in range(len(prompts))]
+            return [gens[k * n_sent:(k + 1) * n_sent] for k in range(len(indices))]
 
-        groups = await self._post(session, "/generate", payload, check, f"generate({where})")
+        groups = await self._post(session, "/generate", payload, check, f"generate({where})", affinity=affinity)
         return [[copy.deepcopy(g[0]) for _ in range(params.n)] if params.greedy else g for g in groups]
 
     # --- teacher scoring ----------------------------------------------------------------------------------------
@@ -277,14 +291,14 @@ class SGLangClient:
         params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed,
                                 stream="window")  # never the random streams of rollouts given the same seed
         gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes",
-                                    prompts_per_request=window_prompts_per_request(len(prefixes), len(self.urls)))
+                                    request_plan=lambda checked: window_request_plan(checked, len(self.urls)))
         return [[g.token_ids for g in row] for row in gens]
 
     # --- plumbing -----------------------------------------------------------------------------------------------
-    async def _post(self, session, path, payload, check, what):
+    async def _post(self, session, path, payload, check, what, affinity=None):
         return await post_json(
             session, self.pool, path, payload, check, what=what,
-            max_retries=self.max_retries, backoff_s=self.retry_backoff_s, timeout=self.timeout,
+            max_retries=self.max_retries, backoff_s=self.retry_backoff_s, timeout=self.timeout, affinity=affinity,
         )
 
     async def _run_jobs(self, make_jobs, *, what: str, total_samples: int) -> list:
@@ -327,6 +341,63 @@ def window_prompts_per_request(n_prefixes: int, n_servers: int) -> int:
     server's scheduler gets its share of the short windows at once and prefills and decodes them as one batch (the
     few requests per server stay far below `max_inflight_per_server`)."""
     return max(1, min(WINDOW_PROMPTS_PER_REQUEST, math.ceil(n_prefixes / max(n_servers, 1))))
+
+
+def prefix_families(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of ``prompts`` as families ``[leader, followers...]``: each follower is a prefix of its leader (an
+    exact copy counts) and no leader is a prefix of any other prompt. The probe's prefixes of one rollout row form
+    one family, led by the row's longest prefix: a server that prefills the leader first holds every follower's KV.
+
+    In sorted order, everything between a prompt and a longer prompt it starts holds that prompt as a prefix too;
+    so a prompt is a follower exactly when its successor starts with it."""
+    order = sorted(range(len(prompts)), key=prompts.__getitem__)
+    family_of = [0] * len(prompts)
+    families: list[list[int]] = []
+    for k in range(len(order) - 1, -1, -1):
+        i = order[k]
+        if k + 1 < len(order):
+            nxt = prompts[order[k + 1]]
+            if len(nxt) >= len(prompts[i]) and nxt[: len(prompts[i])] == prompts[i]:
+                family_of[i] = family_of[order[k + 1]]
+                families[family_of[i]].append(i)
+                continue
+        family_of[i] = len(families)
+        families.append([i])
+    families.reverse()  # sorted order of the leaders
+    return families
+
+
+def window_request_plan(prefixes: Sequence[Sequence[int]], n_servers: int) -> list[list[list[int]]]:
+    """The probe's window requests (`agenerate`'s ``request_plan``): prefix families dealt evenly over the servers,
+    at most `WINDOW_PROMPTS_PER_REQUEST` families per job; a job sends its leaders (the rows' longest prefixes) in one
+    request, then their followers in a second one to the same server, which finds their KV in its radix cache.
+
+    Why: a server that never saw the rollouts (the teacher's) otherwise prefills every prefix from scratch, ~1.5x a
+    row's tokens with 3 candidates per row (at topd_70b: 768 prefixes of ~8k tokens per step on one teacher node,
+    against ~4k per row once); a student server meets the same misses for rows another server generated. The cost is
+    a second round of `window` decode steps per job. All prefixes in one request could not share: a prefill batch
+    computes its sequences independently."""
+    families = prefix_families(prefixes)
+    per_request = window_prompts_per_request(len(families), n_servers)
+    jobs = []
+    for first in range(0, len(families), per_request):
+        chunk = families[first:first + per_request]
+        followers = [i for family in chunk for i in family[1:]]
+        jobs.append([[family[0] for family in chunk]] + ([followers] if followers else []))
+    return jobs
+
+
+def _checked_plan(jobs, n_prompts: int) -> list[list[list[int]]]:
+    seen = sorted(i for job in jobs for request in job for i in request)
+    if seen != list(range(n_prompts)) or any(not request for job in jobs for request in job):
+        raise ValueError(f"request_plan must put each of the {n_prompts} prompt indices in exactly one non-empty "
+                         f"request; it gave {len(seen)} entries")
+    return [[list(request) for request in job] for job in jobs]
+
+
+def _span(indices: Sequence[int]) -> str:
+    return f"{indices[0]}..{indices[-1]}" if list(indices) == list(range(indices[0], indices[-1] + 1)) else \
+        f"{indices[0]}, ... ({len(indices)} prompts)"
 
 
 # --- response parsing ---------------------------------------------------------------------------------------------

@@ -57,13 +57,18 @@ class ServerPool:
                 s.inflight = 0  # requests of a finished loop are all released or dead
         return self._cond
 
-    async def acquire(self, avoid: str | None = None) -> _Server:
-        """The least-loaded up server with a free slot (avoiding `avoid` when another one is up); waits if none."""
+    async def acquire(self, avoid: str | None = None, prefer: str | None = None) -> _Server:
+        """The least-loaded up server with a free slot (avoiding `avoid` when another one is up); waits if none.
+        `prefer` (e.g. the server whose radix cache holds this request's prefix) wins whenever it is up and free."""
         cond = self._condition()
         async with cond:
             while True:
                 now = time.monotonic()
                 up = [s for s in self._servers if s.down_until <= now]
+                preferred = [s for s in up if s.url == prefer and s.inflight < self.max_inflight]
+                if preferred:
+                    preferred[0].inflight += 1
+                    return preferred[0]
                 if avoid is not None and len(up) > 1:
                     up = [s for s in up if s.url != avoid] or up
                 free = [s for s in up if s.inflight < self.max_inflight]
@@ -104,17 +109,21 @@ async def post_json(
     max_retries: int,
     backoff_s: float,
     timeout: aiohttp.ClientTimeout,
+    affinity: list | None = None,
 ) -> Any:
     """POST `make_payload(attempt)` to `path` on a pool server; return `check(body, attempt)`.
 
     `check` raises `Retryable` for answers worth another attempt and `InvalidResponse` for answers that are wrong.
+    `affinity`, a one-item list: the first attempt goes to the server URL it holds (when that one is up and free;
+    None: any), and it receives the URL of the server that answered - requests that extend each other's prompts
+    pass one list along so that the later ones meet the earlier ones' KV in that server's radix cache.
     """
     errors: list[str] = []
     avoid = None
     for attempt in range(max_retries + 1):
         if attempt:
             await asyncio.sleep(min(30.0, backoff_s * 2 ** (attempt - 1)))
-        server = await pool.acquire(avoid)
+        server = await pool.acquire(avoid, prefer=affinity[0] if affinity is not None and not attempt else None)
         url = server.url + path
         try:
             async with session.post(url, json=make_payload(attempt), timeout=timeout) as resp:
@@ -129,6 +138,8 @@ async def post_json(
                 raise InvalidResponse(f"{what}: {url} answered non-JSON ({e}): {text[:300]!r}") from None
             result = check(body, attempt)
             pool.mark_ok(server)
+            if affinity is not None:
+                affinity[0] = server.url
             return result
         except CONNECTION_ERRORS as e:
             pool.mark_down(server, repr(e))

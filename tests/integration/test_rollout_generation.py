@@ -1,7 +1,9 @@
 """Generation, scoring and continuation windows from a real SGLang server equal Hugging Face transformers."""
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -107,37 +109,55 @@ def test_continuation_windows_follow_the_topd_protocol(rollout_target):
             assert len(w) == 10 or w[-1] == EOS_ID
 
 
-def _generate_posts(server) -> int:
-    return server.log_path.read_text(errors="replace").count('"POST /generate HTTP/1.1" 200')
+def _log_size(server) -> int:
+    return server.log_path.stat().st_size
 
 
-def _posts_after(server, before: int, want: int) -> int:
-    """POST /generate lines logged since ``before``, once at least ``want`` are there (the access log lags)."""
+def _log_since(server, at: int, want_posts: int) -> str:
+    """The server's log since byte ``at``, once it holds ``want_posts`` POST /generate lines (the access log lags)."""
     deadline = time.monotonic() + 10
-    while _generate_posts(server) - before < want and time.monotonic() < deadline:
+    while True:
+        with open(server.log_path, "rb") as f:
+            f.seek(at)
+            log = f.read().decode(errors="replace")
+        if log.count('"POST /generate HTTP/1.1" 200') >= want_posts or time.monotonic() > deadline:
+            time.sleep(0.3)
+            with open(server.log_path, "rb") as f:
+                f.seek(at)
+                return f.read().decode(errors="replace")
         time.sleep(0.1)
-    time.sleep(0.3)
-    return _generate_posts(server) - before
 
 
-def test_windows_go_out_grouped_one_request_per_server(rollout_target):
-    """The probe's prefixes reach the server in one HTTP request (not one each), with the same greedy windows."""
+def test_windows_go_out_as_prefix_families_and_followers_hit_the_radix_cache(rollout_target):
+    """The probe's prefixes reach the server in two HTTP requests (not one each): every row's longest prefix, then the
+    prefixes it extends, which the server finds in its radix cache; the greedy windows equal one request per prefix
+    and HF."""
     client = rollout_target.client()
-    prefixes = [PROMPTS[0] + [5, 6], PROMPTS[1], PROMPTS[2][:7], PROMPTS[3], PROMPTS[0][:2]]
-    assert window_prompts_per_request(len(prefixes), 1) == len(prefixes)
+    long0 = PROMPTS[0] + [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    prefixes = [long0, PROMPTS[1], long0[:9], PROMPTS[3], list(PROMPTS[1]), PROMPTS[2][:7]]
+    followers = [2, 4]  # long0[:9] extends into long0; the copy of PROMPTS[1] into PROMPTS[1]
     assert window_prompts_per_request(190, 4) == 48 and window_prompts_per_request(500, 1) == WINDOW_PROMPTS_PER_REQUEST
-    before = _generate_posts(rollout_target.server)
-    grouped = client.continue_prefixes(prefixes, max_new_tokens=6, n=2, temperature=0.0, top_p=1.0, seed=None)
-    assert _posts_after(rollout_target.server, before, 1) == 1
-    before = _generate_posts(rollout_target.server)
+    server = rollout_target.server
+    urllib.request.urlopen(urllib.request.Request(server.url + "/flush_cache", data=b"", method="POST"),
+                           timeout=60).read()
+    at = _log_size(server)
+    families = client.continue_prefixes(prefixes, max_new_tokens=6, n=2, temperature=0.0, top_p=1.0, seed=None)
+    log = _log_since(server, at, 2)
+    assert log.count('"POST /generate HTTP/1.1" 200') == 2
+    cached = sum(map(int, re.findall(r"#cached-token: (\d+)", log)))
+    # the followers' prefixes (all but the token whose logits start the window) came from the leaders' KV
+    assert cached >= sum(len(prefixes[i]) - 1 for i in followers), log[-2000:]
+    at = _log_size(server)
     params = SamplingParams(max_new_tokens=6, n=2, temperature=0.0, stream="window")
     one_each = client.generate(prefixes, params, return_logprobs=False, prompts_per_request=1)
-    assert _posts_after(rollout_target.server, before, len(prefixes)) == len(prefixes)
-    assert grouped == [[g.token_ids for g in row] for row in one_each]
+    assert _log_since(server, at, len(prefixes)).count('"POST /generate HTTP/1.1" 200') == len(prefixes)
+    assert families == [[g.token_ids for g in row] for row in one_each]
     hf = rollout_target.hf()
-    assert grouped == [[hf_greedy(hf, p, 6)[0]] * 2 for p in prefixes]
+    assert families == [[hf_greedy(hf, p, 6)[0]] * 2 for p in prefixes]
     with pytest.raises(ValueError, match="prompts_per_request=0"):
         client.generate(prefixes, params, prompts_per_request=0)
+    with pytest.raises(ValueError, match="exactly one non-empty request"):
+        client.generate(prefixes, params, request_plan=lambda checked: [[[0, 1]], [[1, 2, 3, 4, 5]]])
 
 
 def test_prompt_file_to_records_roundtrip_with_weight_version(rollout_target, tmp_path):

@@ -1,0 +1,95 @@
+"""The probe's window request plan: prefix families (leader first, its prefixes after it on the same server)."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from megatron_topd.rollout.client import (WINDOW_PROMPTS_PER_REQUEST, _checked_plan, prefix_families,
+                                          window_request_plan)
+from megatron_topd.rollout.pool import ServerPool
+
+
+def _is_prefix(p, q) -> bool:
+    return len(p) <= len(q) and q[: len(p)] == p
+
+
+def _probe_like_prefixes(rng: random.Random, rows: int, candidates: int) -> list[list[int]]:
+    """Rollout rows sharing prompts (4 samples each, some samples identical for a while), candidate prefixes per row,
+    in the probe's order (row by row), plus exact duplicates."""
+    prompts = [[rng.randrange(3, 50) for _ in range(rng.randrange(1, 6))] for _ in range(rows // 4 + 1)]
+    out = []
+    for r in range(rows):
+        base = prompts[r // 4]
+        response = [rng.randrange(3, 6) for _ in range(rng.randrange(1, 12))]  # tiny alphabet: shared starts
+        row = base + response
+        for t in sorted(rng.sample(range(len(base), len(row) + 1), min(candidates, len(response) + 1))):
+            out.append(row[:t])
+    return out + [list(p) for p in rng.sample(out, 5)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefix_families_cover_every_prompt_once_and_followers_extend_into_their_leader(seed):
+    rng = random.Random(seed)
+    prefixes = _probe_like_prefixes(rng, rows=rng.randrange(1, 40), candidates=3)
+    families = prefix_families(prefixes)
+    assert sorted(i for f in families for i in f) == list(range(len(prefixes)))
+    leaders = [f[0] for f in families]
+    for f in families:
+        assert all(_is_prefix(prefixes[i], prefixes[f[0]]) for i in f[1:])
+    for i in leaders:  # a leader extends into no other prompt (an exact copy of it is its follower)
+        assert not any(_is_prefix(prefixes[i], prefixes[j]) and len(prefixes[j]) > len(prefixes[i])
+                       for j in range(len(prefixes)))
+    assert len({tuple(prefixes[i]) for i in leaders}) == len(leaders)
+    # fewest possible families: one per distinct prompt that extends into no longer one
+    maximal = {tuple(p) for p in prefixes if not any(_is_prefix(p, q) and len(q) > len(p) for q in prefixes)}
+    assert len(families) == len(maximal)
+
+
+def test_prefix_families_small_cases():
+    p = [[1, 2, 3], [1, 2], [1, 2, 3, 4], [5], [1, 3], [5], [1, 2, 3, 9]]
+    families = prefix_families(p)
+    assert sorted(f[0] for f in families) == [2, 4, 5, 6]  # [1,2,3,4], [1,3], one [5], [1,2,3,9]
+    assert {i: f[0] for f in families for i in f}[1] in (2, 6)
+    assert prefix_families([[7]]) == [[0]]
+
+
+def test_window_request_plan_deals_families_over_servers_leaders_first():
+    rng = random.Random(0)
+    rows = [[rng.randrange(3, 1000) for _ in range(30)] for _ in range(300)]
+    prefixes = [row[:t] for row in rows for t in (10, 20, 30)]  # 300 families of 3
+    for servers, jobs_want in ((1, 5), (8, 8), (3, 5)):
+        plan = window_request_plan(prefixes, servers)
+        assert len(plan) == jobs_want
+        assert _checked_plan(plan, len(prefixes)) == plan
+        for leaders, followers in plan:
+            assert len(leaders) <= WINDOW_PROMPTS_PER_REQUEST and len(followers) == 2 * len(leaders)
+            assert all(len(prefixes[i]) == 30 for i in leaders)
+            assert all(any(_is_prefix(prefixes[i], prefixes[j]) for j in leaders) for i in followers)
+    assert window_request_plan([[1], [2]], 4) == [[[0]], [[1]]]  # no followers: one request per job
+
+
+def test_a_plan_must_cover_every_prompt_exactly_once():
+    with pytest.raises(ValueError, match="exactly one non-empty request"):
+        _checked_plan([[[0, 1]], [[1, 2]]], 3)
+    with pytest.raises(ValueError, match="exactly one non-empty request"):
+        _checked_plan([[[0, 1], []], [[2]]], 3)
+    with pytest.raises(ValueError, match="exactly one non-empty request"):
+        _checked_plan([[[0]]], 2)
+
+
+def test_pool_prefers_the_affine_server_while_it_is_up_and_free():
+    async def scenario():
+        pool = ServerPool(["http://a", "http://b", "http://c"], max_inflight=1)
+        b = await pool.acquire(prefer="http://b")
+        assert b.url == "http://b"
+        other = await pool.acquire(prefer="http://b")  # b is full: the least-loaded other server
+        assert other.url == "http://a"
+        await pool.release(b)
+        pool.mark_down(b, "refused")
+        assert (await pool.acquire(prefer="http://b")).url == "http://c"  # b is down
+        await pool.release(other)
+        assert (await pool.acquire()).url == "http://a"
+
+    asyncio.run(scenario())
