@@ -16,18 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import statistics
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _flush(url: str) -> None:
-    urllib.request.urlopen(urllib.request.Request(url + "/flush_cache", data=b"", method="POST"), timeout=60).read()
 
 
 def main() -> None:
@@ -44,11 +38,12 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from megatron_topd.rollout import SGLangClient, SGLangServer
-    from megatron_topd.rollout.client import prefix_families, window_prompts_per_request, window_request_plan
+    from megatron_topd.rollout.client import (RequestJob, prefix_families, window_prompts_per_request,
+                                              window_request_plan)
     from megatron_topd.rollout.sampling import SamplingParams
     from megatron_topd.testing.tiny_assets import build_tiny_assets
     from megatron_topd.testing.tiny_hf import load_spec
-    from tests.integration.conftest import sglang_python
+    from tests.integration.conftest import ServerLog, flush_cache, sglang_python
 
     root = Path(args.root)
     model = build_tiny_assets(root / "assets")["student_hf"]
@@ -63,24 +58,20 @@ def main() -> None:
         window = SamplingParams(max_new_tokens=args.window, n=1, temperature=0.0, stream="window")
 
         plans = {
-            "one request per prefix": lambda ps: [[[i]] for i in range(len(ps))],
-            "grouped per server": lambda ps: [[list(range(len(ps)))[f:f + window_prompts_per_request(len(ps), 1)]]
-                                              for f in range(0, len(ps), window_prompts_per_request(len(ps), 1))],
-            "prefix families": lambda ps: window_request_plan(ps, 1),
+            "one request per prefix": lambda ps: [RequestJob([[i]]) for i in range(len(ps))],
+            "grouped per server": lambda ps: [
+                RequestJob([list(range(len(ps)))[f:f + window_prompts_per_request(len(ps), 1)]])
+                for f in range(0, len(ps), window_prompts_per_request(len(ps), 1))],
+            "prefix families": lambda ps: window_request_plan(ps, client.urls),
         }
 
         def windows(prefixes, plan):
-            log_at = server.log_path.stat().st_size
+            log = ServerLog(server)
             t = time.perf_counter()
             gens = asyncio.run(client.agenerate(prefixes, window, return_logprobs=False, _what="prefixes",
                                                 request_plan=plan))
             seconds = time.perf_counter() - t
-            time.sleep(0.3)  # the scheduler's log lines of the last batch
-            with open(server.log_path, "rb") as f:
-                f.seek(log_at)
-                log = f.read().decode(errors="replace")
-            prefilled[plan] = (sum(map(int, re.findall(r"#new-token: (\d+)", log))),
-                               sum(map(int, re.findall(r"#cached-token: (\d+)", log))))
+            prefilled[plan] = log.prefill_tokens()
             return seconds, [[g.token_ids for g in row] for row in gens]
 
         times = {(state, name): [] for state in ("warm", "cold") for name in plans}
@@ -88,13 +79,13 @@ def main() -> None:
         tokens = {key: [] for key in times}  # (tokens prefilled, tokens found in the radix cache) per call
         same: list[float] = []  # greedy windows equal across layouts (float32 batching can flip a near-tie)
         for r in range(args.rounds):
-            _flush(server.url)
+            flush_cache(server)
             rows = [p + g.token_ids for p, gens in zip(prompts, client.generate(prompts, rollout)) for g in gens]
             prefixes = [row[:t] for row in rows for t in sorted(rng.sample(range(13, len(row)), args.candidates))]
             for state in ("warm", "cold"):
                 outs = []
                 for name in list(plans) if r % 2 == 0 else list(plans)[::-1]:
-                    _flush(server.url)
+                    flush_cache(server)
                     if state == "warm":  # the rows' KV in the radix cache, as a student server holds it
                         client.generate(rows, SamplingParams(max_new_tokens=1, temperature=0.0))
                     seconds, out = windows(prefixes, plans[name])

@@ -53,7 +53,8 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=N
     versions = [r.weight_version for r in records]
     return StepBatch([r.prompt_ids for r in records], [r.response_ids for r in records],
                      [r.response_logprobs for r in records], [r.finish_reason for r in records],
-                     versions, dataset_state, teacher=teacher_rows, staleness=staleness(step, versions))
+                     versions, dataset_state, teacher=teacher_rows, staleness=staleness(step, versions),
+                     servers=[g.server for row in gens for g in row])  # record order: prompt-major
 
 
 async def _generate_and_score(client, scorer, prompts: list[list[int]], params):

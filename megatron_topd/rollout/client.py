@@ -47,6 +47,17 @@ class Generation:
     finish_reason: str  # "stop" | "length"
     weight_version: str  # the server's weight version when the request finished
     prompt_tokens: int
+    server: str = ""  # URL of the server that generated it (its radix cache holds the sequence's KV for a while)
+
+
+@dataclass
+class RequestJob:
+    """HTTP requests (lists of prompt indices) sent one after another to one server: ``server`` for the first one
+    when it is up and free (None: the least-loaded), then wherever the previous one went, so that a request whose
+    prompts extend an earlier one's finds their KV in that server's radix cache."""
+
+    requests: list[list[int]]
+    server: str | None = None
 
 
 @dataclass
@@ -128,10 +139,10 @@ class SGLangClient:
         ``prompts_per_request``: prompts sent together in one HTTP request (one entry per sample; retried together).
         Many short generations (the probe's windows) reach the server's scheduler at once this way, instead of
         trickling in one request at a time under `max_inflight_per_server`.
-        ``request_plan(prompts) -> jobs`` replaces that grouping: each job is a list of requests (lists of prompt
-        indices) sent one after another to the same server, every prompt in exactly one request (e.g.
-        `window_request_plan`: the longest prompt of each prefix family first, the prefixes it extends after it).
-        Seeds and rids follow the prompt index, so the samples do not depend on the plan."""
+        ``request_plan(prompts) -> [RequestJob]`` replaces that grouping, every prompt in exactly one request (e.g.
+        `window_request_plan`: the longest prompt of each prefix family first, the prefixes it extends after it, on
+        the server that generated their row). Seeds and rids follow the prompt index, so the samples do not depend
+        on the plan."""
         if isinstance(prompts_per_request, bool) or not isinstance(prompts_per_request, int) or prompts_per_request < 1:
             raise ValueError(f"prompts_per_request={prompts_per_request!r}: use an integer >= 1")
         params.validate(self.vocab_size)
@@ -147,16 +158,16 @@ class SGLangClient:
             max_new_tokens=params.max_new_tokens, context_length=self.context_length,
         )
         if request_plan is None:
-            jobs = [[list(range(first, min(first + prompts_per_request, len(prompts))))]
+            jobs = [RequestJob([list(range(first, min(first + prompts_per_request, len(prompts))))])
                     for first in range(0, len(prompts), prompts_per_request)]
         else:
             jobs = _checked_plan(request_plan(prompts), len(prompts))
         call = f"{self._tag}-{next(_CALLS)}"
 
-        async def run_job(session, job):
-            affinity: list = [None]  # the job's later requests follow its first one to the same server
+        async def run_job(session, job: RequestJob):
+            affinity: list = [job.server]  # the job's later requests follow its first one to the same server
             done = {}
-            for indices in job:
+            for indices in job.requests:
                 gens = await self._generate_group(session, call, indices, prompts, params, return_logprobs,
                                                   top_logprobs, affinity)
                 for i, g in zip(indices, gens):
@@ -203,7 +214,11 @@ class SGLangClient:
             ]
             return [gens[k * n_sent:(k + 1) * n_sent] for k in range(len(indices))]
 
+        affinity = [None] if affinity is None else affinity
         groups = await self._post(session, "/generate", payload, check, f"generate({where})", affinity=affinity)
+        for gens in groups:
+            for g in gens:
+                g.server = affinity[0]
         return [[copy.deepcopy(g[0]) for _ in range(params.n)] if params.greedy else g for g in groups]
 
     # --- teacher scoring ----------------------------------------------------------------------------------------
@@ -281,17 +296,19 @@ class SGLangClient:
         temperature: float,
         top_p: float,
         seed: int | None,
+        servers: Sequence[str | None] | None = None,
     ) -> list[list[list[int]]]:
-        """`n` continuations (new token ids, ending with EOS when stopped early) of each prefix, used verbatim."""
+        """`n` continuations (new token ids, ending with EOS when stopped early) of each prefix, used verbatim.
+        ``servers``: the URL of the server that generated each prefix's row, if known (`Generation.server`)."""
         return _run_sync(self.acontinue_prefixes(prefixes, max_new_tokens=max_new_tokens, n=n,
-                                                 temperature=temperature, top_p=top_p, seed=seed),
+                                                 temperature=temperature, top_p=top_p, seed=seed, servers=servers),
                          "acontinue_prefixes")
 
-    async def acontinue_prefixes(self, prefixes, *, max_new_tokens, n, temperature, top_p, seed):
+    async def acontinue_prefixes(self, prefixes, *, max_new_tokens, n, temperature, top_p, seed, servers=None):
         params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed,
                                 stream="window")  # never the random streams of rollouts given the same seed
         gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes",
-                                    request_plan=lambda checked: window_request_plan(checked, len(self.urls)))
+                                    request_plan=lambda checked: window_request_plan(checked, self.urls, servers))
         return [[g.token_ids for g in row] for row in gens]
 
     # --- plumbing -----------------------------------------------------------------------------------------------
@@ -367,32 +384,43 @@ def prefix_families(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     return families
 
 
-def window_request_plan(prefixes: Sequence[Sequence[int]], n_servers: int) -> list[list[list[int]]]:
-    """The probe's window requests (`agenerate`'s ``request_plan``): prefix families dealt evenly over the servers,
-    at most `WINDOW_PROMPTS_PER_REQUEST` families per job; a job sends its leaders (the rows' longest prefixes) in one
-    request, then their followers in a second one to the same server, which finds their KV in its radix cache.
+def window_request_plan(prefixes: Sequence[Sequence[int]], urls: Sequence[str],
+                        servers: Sequence[str | None] | None = None) -> list[RequestJob]:
+    """The probe's window requests (`agenerate`'s ``request_plan``): prefix families of at most
+    `WINDOW_PROMPTS_PER_REQUEST` per job; a job sends its leaders (the rows' longest prefixes) in one request, then
+    their followers in a second one to the same server, which finds their KV in its radix cache. ``servers[i]``, the
+    URL that generated prefix i's row (one of ``urls``; else ignored), sends its family there, where the whole row is
+    cached; families without one are dealt evenly over the servers.
 
-    Why: a server that never saw the rollouts (the teacher's) otherwise prefills every prefix from scratch, ~1.5x a
-    row's tokens with 3 candidates per row (at topd_70b: 768 prefixes of ~8k tokens per step on one teacher node,
-    against ~4k per row once); a student server meets the same misses for rows another server generated. The cost is
-    a second round of `window` decode steps per job. All prefixes in one request could not share: a prefill batch
-    computes its sequences independently."""
+    Why: a server that does not hold the row (the teacher's, which never sees the rollouts; a student server other
+    than the one that generated it) otherwise prefills every prefix from scratch, ~1.5x a row's tokens with 3
+    candidates per row; at topd_70b (768 prefixes of ~8k tokens per step) ~6M tokens on the teacher's one node, and
+    on 8 student servers 7 of every 8 prefixes missed. The cost is a second round of `window` decode steps per job.
+    All prefixes in one request could not share: a prefill batch computes its sequences independently."""
     families = prefix_families(prefixes)
-    per_request = window_prompts_per_request(len(families), n_servers)
+    per_request = window_prompts_per_request(len(families), len(urls))
+    known = set(urls)
+    by_server: dict[str | None, list[list[int]]] = {}
+    for family in families:
+        hint = servers[family[0]] if servers is not None else None
+        by_server.setdefault(hint if hint in known else None, []).append(family)
     jobs = []
-    for first in range(0, len(families), per_request):
-        chunk = families[first:first + per_request]
-        followers = [i for family in chunk for i in family[1:]]
-        jobs.append([[family[0] for family in chunk]] + ([followers] if followers else []))
+    for server, fams in by_server.items():
+        for first in range(0, len(fams), per_request):
+            chunk = fams[first:first + per_request]
+            followers = [i for family in chunk for i in family[1:]]
+            jobs.append(RequestJob([[family[0] for family in chunk]] + ([followers] if followers else []), server))
     return jobs
 
 
-def _checked_plan(jobs, n_prompts: int) -> list[list[list[int]]]:
-    seen = sorted(i for job in jobs for request in job for i in request)
-    if seen != list(range(n_prompts)) or any(not request for job in jobs for request in job):
+def _checked_plan(jobs, n_prompts: int) -> list[RequestJob]:
+    if not all(isinstance(job, RequestJob) for job in jobs):
+        raise ValueError("request_plan must return a list of RequestJob")
+    seen = sorted(i for job in jobs for request in job.requests for i in request)
+    if seen != list(range(n_prompts)) or any(not request for job in jobs for request in job.requests):
         raise ValueError(f"request_plan must put each of the {n_prompts} prompt indices in exactly one non-empty "
                          f"request; it gave {len(seen)} entries")
-    return [[list(request) for request in job] for job in jobs]
+    return jobs
 
 
 def _span(indices: Sequence[int]) -> str:

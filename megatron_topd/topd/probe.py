@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,7 @@ def run_probe(
     seed: int | None = None,
     group=None,
     dp_group=None,
+    student_servers: Sequence[str] | None = None,
 ) -> ProbeResult:
     """Probe the candidates of a scored batch (token-aligned ``token_loss``/``response_mask``, see `positions`).
 
@@ -66,6 +68,8 @@ def run_probe(
     (vocabulary-parallel) lookup of the table ``cfg.embedding_table(teacher placement)`` names. ``seed`` also drives
     ``suppress: random`` (and the tie fill of ``high``): pass the same value on every rank. ``dp_group``: decide the
     suppression over all its ranks' candidates (every rank of it must call; None = this call's candidates only).
+    ``student_servers[b]``: the student server that generated sequence b (`Generation.server`), handed to the student
+    sampler as a routing hint, so each window's prefix is continued where its KV is cached.
     """
     cfg.validate()
     if tokens.shape != token_loss.shape:
@@ -80,7 +84,8 @@ def run_probe(
         )
     requests = build_requests(tokens, candidates)
     t0 = time.perf_counter()
-    teacher_w, student_w = _sample_windows(requests, cfg, teacher, student, seed, group)
+    hints = None if student_servers is None else [student_servers[b] for b, _ in requests.owners]
+    teacher_w, student_w = _sample_windows(requests, cfg, teacher, student, seed, group, hints)
     t1 = time.perf_counter()
     div = window_divergence(
         teacher_w, student_w, embed, with_transport=cfg.variant == "topd" and cfg.position_weighting == "ot_plan",
@@ -136,7 +141,7 @@ def gather_distances(local: torch.Tensor, group=None) -> tuple[torch.Tensor, int
     return everyone, sum(counts[:rank])
 
 
-def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group):
+def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group, student_hints=None):
     if len(requests) == 0:
         return [], []
     src_rank = 0 if group is None else dist.get_global_rank(group, 0)
@@ -154,7 +159,8 @@ def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group):
             t_job = pool.submit(teacher.continue_prefixes, requests.prefixes,
                                 seed=None if seed is None else 2 * seed, **kwargs)
             s_job = pool.submit(student.continue_prefixes, requests.prefixes,
-                                seed=None if seed is None else 2 * seed + 1, **kwargs)
+                                seed=None if seed is None else 2 * seed + 1, **kwargs,
+                                **({} if student_hints is None else {"servers": student_hints}))
             payload = [t_job.result(), s_job.result()]
         for who, w in zip(("teacher", "student"), payload):
             check_continuations(w, len(requests), cfg.samples_per_side, cfg.window, who)

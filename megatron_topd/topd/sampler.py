@@ -21,6 +21,7 @@ class ContinuationSampler(Protocol):
         temperature: float,
         top_p: float,
         seed: int | None,
+        servers: Sequence[str | None] | None = None,
     ) -> list[list[list[int]]]:
         """For each prefix (token ids, non-empty), ``n`` continuations of new token ids only.
 
@@ -31,6 +32,8 @@ class ContinuationSampler(Protocol):
           ``temperature`` with nucleus ``top_p`` (1.0 = off). No other sampling filters (no top-k, no penalties).
         - ``seed``: makes the call reproducible where the backend supports it; ``None`` = unseeded.
         - The prefix is used verbatim: no chat template, no BOS insertion, no stop strings.
+        - ``servers`` (given only when known): where each prefix's row was generated, a routing hint for samplers
+          that hold KV caches (SGLang's radix cache); the continuations must not depend on it.
         """
         ...
 
@@ -55,6 +58,7 @@ class TorchModelSampler:
         temperature: float,
         top_p: float = 1.0,
         seed: int | None = None,
+        servers=None,  # routing hint: one model, nothing to route
     ) -> list[list[list[int]]]:
         if max_new_tokens < 1 or n < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} and n={n} must both be >= 1")

@@ -57,6 +57,7 @@ class RolloutRows:
     responses: list[list[int]]
     logprobs: list[list[float]] = field(default_factory=list)  # the rollout policy's log-probs of the responses
     teacher: list[dict] | None = None  # a remote teacher's per-response-token scores (train/teacher.RemoteTeacher)
+    servers: list[str] | None = None  # the student server that generated each row (the probe routes its windows there)
 
     def __post_init__(self):
         if any(len(r) == 0 for r in self.responses):

@@ -98,6 +98,7 @@ class StepBatch:
     teacher: list[dict] | None = None  # a remote teacher's scores per row (RemoteTeacher.score_rollouts); rank 0
     staleness: float = 0.0  # trainer step - oldest weight version of the samples (async rollouts: 1)
     has_teacher_scores: bool = False  # `teacher` exists (on rank 0)
+    servers: list[str] | None = None  # the student server that generated each sample (its radix cache holds the row)
 
 
 def train(cfg: Config) -> list[dict]:
@@ -327,7 +328,8 @@ def replica_rows(batch: StepBatch, layout) -> RolloutRows:
                          "make train.prompts_per_step * rollout.n_samples at least the data-parallel size")
     teacher = to_last_stage(batch.teacher, replicas, layout) if batch.has_teacher_scores else None
     return RolloutRows([batch.prompt_ids[i] for i in mine], [batch.response_ids[i] for i in mine],
-                       [batch.response_logprobs[i] for i in mine], teacher)
+                       [batch.response_logprobs[i] for i in mine], teacher,
+                       servers=None if batch.servers is None else [batch.servers[i] for i in mine])
 
 
 def _pad_multiple(cfg: Config) -> int:
@@ -388,6 +390,7 @@ def probe_replica(cfg: Config, step: int, rows: RolloutRows, token_loss, student
                                    vocab_size=padded_vocab_size(vocab, layout.tensor_parallel)),
             pad_id=pad_id, seed=cfg.train.seed * 7919 + step, group=parallel.tensor_parallel_group(),
             dp_group=ps.get_data_parallel_group(),  # suppression decided over the whole batch
+            student_servers=rows.servers,  # each row's windows go to the server whose cache holds the row
         )
         payload = _probe_payload(probe)
         g = payload["guidance"]

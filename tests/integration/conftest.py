@@ -7,6 +7,9 @@ after a weight-sync test changed them. Without .venv-sglang these tests FAIL (ne
 from __future__ import annotations
 
 import os
+import re
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,39 @@ def sglang_python() -> str:
             "(builds .venv-sglang), or point MEGATRON_TOPD_SGLANG_PYTHON at a python with sglang installed."
         )
     return python
+
+
+class ServerLog:
+    """What a server logged from now on: its POST /generate lines and the scheduler's prefill token counts."""
+
+    POST = '"POST /generate HTTP/1.1" 200'
+
+    def __init__(self, server: SGLangServer):
+        self.server, self.at = server, server.log_path.stat().st_size
+
+    def text(self, want_posts: int = 0) -> str:
+        """The log since construction, once it holds ``want_posts`` POST lines (the access log lags; 10 s at most)."""
+        deadline = time.monotonic() + 10
+        while self._read().count(self.POST) < want_posts and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)  # the scheduler's lines of the last batch
+        return self._read()
+
+    def prefill_tokens(self, want_posts: int = 0) -> tuple[int, int]:
+        """(tokens prefilled, tokens found in the radix cache) over the prefill batches logged since construction."""
+        log = self.text(want_posts)
+        return (sum(map(int, re.findall(r"#new-token: (\d+)", log))),
+                sum(map(int, re.findall(r"#cached-token: (\d+)", log))))
+
+    def _read(self) -> str:
+        with open(self.server.log_path, "rb") as f:
+            f.seek(self.at)
+            return f.read().decode(errors="replace")
+
+
+def flush_cache(server: SGLangServer) -> None:
+    urllib.request.urlopen(urllib.request.Request(server.url + "/flush_cache", data=b"", method="POST"),
+                           timeout=60).read()
 
 
 def start_server(model_dir: Path, log_dir: Path, **kw) -> SGLangServer:

@@ -1,17 +1,14 @@
 """Generation, scoring and continuation windows from a real SGLang server equal Hugging Face transformers."""
 from __future__ import annotations
 
-import re
-import time
-import urllib.request
-
 import pytest
 import torch
 
 from megatron_topd.rollout import PromptDataset, SamplingParams, collect_rollouts, read_records, write_records
-from megatron_topd.rollout.client import WINDOW_PROMPTS_PER_REQUEST, window_prompts_per_request
+from megatron_topd.rollout.client import WINDOW_PROMPTS_PER_REQUEST, RequestJob, window_prompts_per_request
 from megatron_topd.testing.tiny_hf import EOS_ID, IM_START_ID, hf_greedy, hf_token_logprobs
 from megatron_topd.topd.sampler import ContinuationSampler
+from tests.integration.conftest import ServerLog, flush_cache
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -109,25 +106,6 @@ def test_continuation_windows_follow_the_topd_protocol(rollout_target):
             assert len(w) == 10 or w[-1] == EOS_ID
 
 
-def _log_size(server) -> int:
-    return server.log_path.stat().st_size
-
-
-def _log_since(server, at: int, want_posts: int) -> str:
-    """The server's log since byte ``at``, once it holds ``want_posts`` POST /generate lines (the access log lags)."""
-    deadline = time.monotonic() + 10
-    while True:
-        with open(server.log_path, "rb") as f:
-            f.seek(at)
-            log = f.read().decode(errors="replace")
-        if log.count('"POST /generate HTTP/1.1" 200') >= want_posts or time.monotonic() > deadline:
-            time.sleep(0.3)
-            with open(server.log_path, "rb") as f:
-                f.seek(at)
-                return f.read().decode(errors="replace")
-        time.sleep(0.1)
-
-
 def test_windows_go_out_as_prefix_families_and_followers_hit_the_radix_cache(rollout_target):
     """The probe's prefixes reach the server in two HTTP requests (not one each): every row's longest prefix, then the
     prefixes it extends, which the server finds in its radix cache; the greedy windows equal one request per prefix
@@ -138,26 +116,23 @@ def test_windows_go_out_as_prefix_families_and_followers_hit_the_radix_cache(rol
     followers = [2, 4]  # long0[:9] extends into long0; the copy of PROMPTS[1] into PROMPTS[1]
     assert window_prompts_per_request(190, 4) == 48 and window_prompts_per_request(500, 1) == WINDOW_PROMPTS_PER_REQUEST
     server = rollout_target.server
-    urllib.request.urlopen(urllib.request.Request(server.url + "/flush_cache", data=b"", method="POST"),
-                           timeout=60).read()
-    at = _log_size(server)
+    flush_cache(server)
+    log = ServerLog(server)
     families = client.continue_prefixes(prefixes, max_new_tokens=6, n=2, temperature=0.0, top_p=1.0, seed=None)
-    log = _log_since(server, at, 2)
-    assert log.count('"POST /generate HTTP/1.1" 200') == 2
-    cached = sum(map(int, re.findall(r"#cached-token: (\d+)", log)))
+    assert log.text(2).count(ServerLog.POST) == 2
     # the followers' prefixes (all but the token whose logits start the window) came from the leaders' KV
-    assert cached >= sum(len(prefixes[i]) - 1 for i in followers), log[-2000:]
-    at = _log_size(server)
+    assert log.prefill_tokens()[1] >= sum(len(prefixes[i]) - 1 for i in followers), log.text()[-2000:]
+    log = ServerLog(server)
     params = SamplingParams(max_new_tokens=6, n=2, temperature=0.0, stream="window")
     one_each = client.generate(prefixes, params, return_logprobs=False, prompts_per_request=1)
-    assert _log_since(server, at, len(prefixes)).count('"POST /generate HTTP/1.1" 200') == len(prefixes)
+    assert log.text(len(prefixes)).count(ServerLog.POST) == len(prefixes)
     assert families == [[g.token_ids for g in row] for row in one_each]
     hf = rollout_target.hf()
     assert families == [[hf_greedy(hf, p, 6)[0]] * 2 for p in prefixes]
     with pytest.raises(ValueError, match="prompts_per_request=0"):
         client.generate(prefixes, params, prompts_per_request=0)
     with pytest.raises(ValueError, match="exactly one non-empty request"):
-        client.generate(prefixes, params, request_plan=lambda checked: [[[0, 1]], [[1, 2, 3, 4, 5]]])
+        client.generate(prefixes, params, request_plan=lambda checked: [RequestJob([[0, 1]]), RequestJob([[1, 2, 3, 4, 5]])])
 
 
 def test_prompt_file_to_records_roundtrip_with_weight_version(rollout_target, tmp_path):

@@ -96,6 +96,8 @@ def test_sync_source_is_the_previous_loop_and_async_samples_the_same_without_wei
         assert _close(sync[step]["response_logprobs"], previous[step]["response_logprobs"])
         assert _close(asyn[step]["response_logprobs"], previous[step]["response_logprobs"])
         assert len(previous[step]["response_ids"]) == 6 and any(previous[step]["response_ids"])
+        # every sample names the server that generated it (the probe routes its windows there)
+        assert sync[step]["servers"] == asyn[step]["servers"] == [rollout_target.url.rstrip("/")] * 6
     # the prompts advance (no batch repeats) and the state recorded with each batch is the one after its draw
     assert previous[0]["prompt_ids"] != previous[1]["prompt_ids"]
     assert [b["dataset_state"] for b in asyn] == [b["dataset_state"] for b in previous]

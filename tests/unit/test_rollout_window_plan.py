@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from megatron_topd.rollout.client import (WINDOW_PROMPTS_PER_REQUEST, _checked_plan, prefix_families,
+from megatron_topd.rollout.client import (WINDOW_PROMPTS_PER_REQUEST, RequestJob, _checked_plan, prefix_families,
                                           window_request_plan)
 from megatron_topd.rollout.pool import ServerPool
 
@@ -60,23 +60,46 @@ def test_window_request_plan_deals_families_over_servers_leaders_first():
     rows = [[rng.randrange(3, 1000) for _ in range(30)] for _ in range(300)]
     prefixes = [row[:t] for row in rows for t in (10, 20, 30)]  # 300 families of 3
     for servers, jobs_want in ((1, 5), (8, 8), (3, 5)):
-        plan = window_request_plan(prefixes, servers)
-        assert len(plan) == jobs_want
+        urls = [f"http://s{k}" for k in range(servers)]
+        plan = window_request_plan(prefixes, urls)
+        assert len(plan) == jobs_want and all(job.server is None for job in plan)
         assert _checked_plan(plan, len(prefixes)) == plan
-        for leaders, followers in plan:
+        for job in plan:
+            leaders, followers = job.requests
             assert len(leaders) <= WINDOW_PROMPTS_PER_REQUEST and len(followers) == 2 * len(leaders)
             assert all(len(prefixes[i]) == 30 for i in leaders)
             assert all(any(_is_prefix(prefixes[i], prefixes[j]) for j in leaders) for i in followers)
-    assert window_request_plan([[1], [2]], 4) == [[[0]], [[1]]]  # no followers: one request per job
+    one_each = window_request_plan([[1], [2]], ["http://a", "http://b", "http://c", "http://d"])
+    assert one_each == [RequestJob([[0]]), RequestJob([[1]])]  # no followers: one request per job
+
+
+def test_window_request_plan_sends_each_family_to_the_server_that_generated_its_row():
+    rng = random.Random(1)
+    rows = [[rng.randrange(3, 1000) for _ in range(30)] for _ in range(100)]
+    prefixes = [row[:t] for row in rows for t in (10, 20, 30)]
+    row_server = ["http://a" if r % 4 else "http://b" for r in range(100)]  # 75 rows on a, 25 on b
+    hints = [row_server[i // 3] for i in range(len(prefixes))]
+    hints[3 * 7 + 2] = "http://gone"  # not one of the client's servers: dealt like a row without a hint
+    plan = window_request_plan(prefixes, ["http://a", "http://b"], hints)
+    assert _checked_plan(plan, len(prefixes)) == plan
+    for job in plan:
+        assert len(job.requests[0]) <= WINDOW_PROMPTS_PER_REQUEST
+        if job.server is None:
+            assert [i // 3 for i in job.requests[0]] == [7]
+        else:
+            assert {row_server[i // 3] for request in job.requests for i in request} == {job.server}
+    assert sorted(len(job.requests[0]) for job in plan) == [1, 24, 25, 50]  # a: 74 rows in jobs of <= 50
 
 
 def test_a_plan_must_cover_every_prompt_exactly_once():
     with pytest.raises(ValueError, match="exactly one non-empty request"):
-        _checked_plan([[[0, 1]], [[1, 2]]], 3)
+        _checked_plan([RequestJob([[0, 1]]), RequestJob([[1, 2]])], 3)
     with pytest.raises(ValueError, match="exactly one non-empty request"):
-        _checked_plan([[[0, 1], []], [[2]]], 3)
+        _checked_plan([RequestJob([[0, 1], []]), RequestJob([[2]])], 3)
     with pytest.raises(ValueError, match="exactly one non-empty request"):
-        _checked_plan([[[0]]], 2)
+        _checked_plan([RequestJob([[0]])], 2)
+    with pytest.raises(ValueError, match="RequestJob"):
+        _checked_plan([[[0]]], 1)
 
 
 def test_pool_prefers_the_affine_server_while_it_is_up_and_free():
