@@ -49,7 +49,7 @@ def servers_on_node(data: dict, lc: LaunchConfig, role: str, nodes: list[str], n
                     log_dir: str | Path, dist_init_port: int, port: int | None = None) -> list[ServerSpec]:
     """The servers of `role` on `nodes[node_index]` (`nodes`: this role's nodes, in order)."""
     from megatron_topd.launch.config import section
-    from megatron_topd.rollout.config import RolloutConfig
+    from megatron_topd.rollout.config import RolloutConfig, student_server_flags
     from megatron_topd.rollout.server import SGLangServer
 
     if role not in ROLES:
@@ -62,6 +62,8 @@ def servers_on_node(data: dict, lc: LaunchConfig, role: str, nodes: list[str], n
     out = []
     for i in range(per_node):
         extra = list(rollout.extra_server_args)
+        if role == "student":  # the probe's windows ahead of async rollouts (rollout.windows_first)
+            extra = student_server_flags(rollout, bool((data.get("train") or {}).get("async_rollouts", False))) + extra
         if lc.gpus_per_node:
             extra += ["--base-gpu-id", str(i * rollout.tp_size)]
         if span > 1:

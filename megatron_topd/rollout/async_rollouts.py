@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_topd.rollout.client import ROLLOUT_PRIORITY
+from megatron_topd.rollout.config import windows_ahead
+
 
 def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=None):
     """Rank 0: `prompts_per_step x n_samples` responses for step `step`, written to rollouts/step_k.jsonl.
@@ -44,10 +47,12 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=N
                             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                             seed=seed * 100003 + step)
     teacher_rows = None
+    priority = ROLLOUT_PRIORITY if windows_ahead(cfg.rollout, cfg.train.async_rollouts) else None
     if scorer is None:
-        gens = client.generate([p.ids for p in prompts], params)
+        gens = client.generate([p.ids for p in prompts], params, priority=priority)
     else:
-        gens, teacher_rows = asyncio.run(_generate_and_score(client, scorer, [p.ids for p in prompts], params))
+        gens, teacher_rows = asyncio.run(_generate_and_score(client, scorer, [p.ids for p in prompts], params,
+                                                             priority))
     records = records_from_generations([p.index for p in prompts], [p.ids for p in prompts], gens)
     write_records(out / "rollouts" / f"step_{step:08d}.jsonl", records, vocab_size=vocab)
     versions = [r.weight_version for r in records]
@@ -57,14 +62,14 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=N
                      servers=[g.server for row in gens for g in row])  # record order: prompt-major
 
 
-async def _generate_and_score(client, scorer, prompts: list[list[int]], params):
+async def _generate_and_score(client, scorer, prompts: list[list[int]], params, priority=None):
     """Generation with each prompt's samples scored by the teacher as soon as they are back (record order)."""
     scored: dict[int, list[dict]] = {}
 
     async def score(i: int, gens) -> None:
         scored[i] = await scorer.ascore_samples(prompts[i], [g.token_ids for g in gens])
 
-    gens = await client.agenerate(prompts, params, on_prompt_done=score)
+    gens = await client.agenerate(prompts, params, on_prompt_done=score, priority=priority)
     return gens, [row for i in range(len(prompts)) for row in scored[i]]
 
 

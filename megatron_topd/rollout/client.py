@@ -86,6 +86,7 @@ class SGLangClient:
         max_inflight_per_server: int = 64,
         server_cooldown_s: float = 5.0,
         progress: bool | None = None,
+        window_priority: int | None = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         self.pool = ServerPool(urls, max_inflight=max_inflight_per_server, cooldown_s=server_cooldown_s)
@@ -96,6 +97,7 @@ class SGLangClient:
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.progress = progress
+        self.window_priority = window_priority  # SGLang priority of continue_prefixes' requests (WINDOW_PRIORITY)
         self._tag = uuid.uuid4().hex[:8]
 
     @classmethod
@@ -130,6 +132,7 @@ class SGLangClient:
         on_prompt_done=None,
         prompts_per_request: int = 1,
         request_plan=None,
+        priority: int | None = None,
         _what: str = "prompts",
     ) -> list[list[Generation]]:
         """`params.n` generations per prompt: `result[i][j]` is sample j of prompt i.
@@ -142,7 +145,8 @@ class SGLangClient:
         ``request_plan(prompts) -> [RequestJob]`` replaces that grouping, every prompt in exactly one request (e.g.
         `window_request_plan`: the longest prompt of each prefix family first, the prefixes it extends after it, on
         the server that generated their row). Seeds and rids follow the prompt index, so the samples do not depend
-        on the plan."""
+        on the plan. ``priority``: SGLang's request priority (higher first on a server run with
+        --enable-priority-scheduling, ignored elsewhere): `ROLLOUT_PRIORITY`, `WINDOW_PRIORITY`."""
         if isinstance(prompts_per_request, bool) or not isinstance(prompts_per_request, int) or prompts_per_request < 1:
             raise ValueError(f"prompts_per_request={prompts_per_request!r}: use an integer >= 1")
         params.validate(self.vocab_size)
@@ -169,7 +173,7 @@ class SGLangClient:
             done = {}
             for indices in job.requests:
                 gens = await self._generate_group(session, call, indices, prompts, params, return_logprobs,
-                                                  top_logprobs, affinity)
+                                                  top_logprobs, affinity, priority)
                 for i, g in zip(indices, gens):
                     done[i] = g
                     if on_prompt_done is not None:
@@ -188,7 +192,7 @@ class SGLangClient:
         return _run_sync(self.agenerate(prompts, params, **kw), "agenerate")
 
     async def _generate_group(self, session, call, indices, prompts, params, return_logprobs, top_logprobs,
-                              affinity=None):
+                              affinity=None, priority=None):
         """Prompts ``indices`` in one HTTP request; returns each one's ``params.n`` generations, in that order."""
         # Greedy samples are identical: compute one and copy it n times.
         n_sent = 1 if params.greedy else params.n
@@ -196,7 +200,7 @@ class SGLangClient:
         where = f"prompt {indices[0]}" if len(indices) == 1 else f"prompts {_span(indices)}"
 
         def payload(attempt: int) -> dict:
-            return {
+            body = {
                 "input_ids": [prompts[i] for i, _ in keys],
                 "rid": [_rid(call, i, j, attempt) for i, j in keys],
                 "sampling_params": [params.for_sample(i, j) for i, j in keys],
@@ -204,6 +208,9 @@ class SGLangClient:
                 "top_logprobs_num": top_logprobs,
                 "logprob_start_len": -1,  # outputs only
             }
+            if priority is not None:
+                body["priority"] = priority
+            return body
 
         def check(body: Any, attempt: int) -> list[list[Generation]]:
             items = _expect_list(body, len(keys), f"generate {where}")
@@ -308,7 +315,8 @@ class SGLangClient:
         params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed,
                                 stream="window")  # never the random streams of rollouts given the same seed
         gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes",
-                                    request_plan=lambda checked: window_request_plan(checked, self.urls, servers))
+                                    request_plan=lambda checked: window_request_plan(checked, self.urls, servers),
+                                    priority=self.window_priority)
         return [[g.token_ids for g in row] for row in gens]
 
     # --- plumbing -----------------------------------------------------------------------------------------------
@@ -351,6 +359,10 @@ class SGLangClient:
 
 
 WINDOW_PROMPTS_PER_REQUEST = 64  # at most: bounds a request's body (16k-token prefixes) and what one retry repeats
+# SGLang request priorities (rollout.windows_first): the probe's short windows, on the step's critical path, go
+# ahead of queued async rollouts; a gap under SGLang's preemption threshold (10) retracts no running request.
+ROLLOUT_PRIORITY = 0
+WINDOW_PRIORITY = 1
 
 
 def window_prompts_per_request(n_prefixes: int, n_servers: int) -> int:

@@ -46,6 +46,12 @@ class RolloutConfig:
     # default: it costs the radix cache on CPU and batch-invariant (slower) kernels on GPU. With `urls`, start those
     # servers with the flag yourself.
     deterministic: bool = False
+    # The probe's window requests go ahead of queued rollouts on a student server (async rollouts share the servers
+    # with the probe): launched student servers run SGLang's priority scheduling when train.async_rollouts is on,
+    # windows are sent at priority 1 and rollouts at 0 - a gap below SGLang's preemption threshold (10), so no
+    # running rollout is retracted; windows only jump the queue. With `urls` and async rollouts, start those servers
+    # with --enable-priority-scheduling yourself (a server without it ignores the priorities).
+    windows_first: bool = True
     # --- sampling of student rollouts (DESIGN: n=4, temperature 1.0) ---
     n_samples: int = 4
     temperature: float = 1.0
@@ -95,8 +101,9 @@ class RolloutConfig:
         for i, port in enumerate(self.ports):
             _int_in(f"ports[{i}]", port, 1, 65535)
         _int_at_least("tp_size", self.tp_size, 1)
-        if not isinstance(self.deterministic, bool):
-            raise ValueError(f"rollout.deterministic={self.deterministic!r}: use true or false")
+        for name in ("deterministic", "windows_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"rollout.{name}={getattr(self, name)!r}: use true or false")
         if self.mem_fraction_static is not None:
             _number_in("mem_fraction_static", self.mem_fraction_static, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.context_length is not None:
@@ -128,3 +135,13 @@ class RolloutConfig:
             return self.sync_backend
         return "nccl" if self.device == "cuda" else "gloo"
 
+
+def windows_ahead(rollout: RolloutConfig, async_rollouts: bool) -> bool:
+    """Whether requests carry priorities (`rollout.windows_first`): only async rollouts share a student server with
+    the probe's windows, so a synchronous run sends exactly the requests it always sent."""
+    return async_rollouts and rollout.windows_first
+
+
+def student_server_flags(rollout: RolloutConfig, async_rollouts: bool) -> list[str]:
+    """SGLang flags a launched student server needs beyond `rollout.extra_server_args` (loop and Slurm launcher)."""
+    return ["--enable-priority-scheduling"] if windows_ahead(rollout, async_rollouts) else []

@@ -62,7 +62,10 @@ class Rollouts:
     def __init__(self, cfg: Config):
         from megatron_topd.rollout import ServerGroup
 
-        self.student_cfg = cfg.rollout
+        from megatron_topd.rollout.config import student_server_flags
+
+        flags = student_server_flags(cfg.rollout, cfg.train.async_rollouts)  # windows ahead of async rollouts
+        self.student_cfg = replace(cfg.rollout, extra_server_args=flags + list(cfg.rollout.extra_server_args))
         self.teacher_cfg = replace(copy.deepcopy(cfg.rollout), model_path=cfg.teacher.hf_path, num_servers=1, ports=[],
                                    urls=[])
         self.student = ServerGroup.from_config(self.student_cfg) if not cfg.rollout.urls else None
@@ -300,14 +303,20 @@ def connect_servers(cfg: Config, rollouts: "Rollouts | None", vocab: int):
 
     student_urls, teacher_urls = _broadcast(rollouts.start() if rollouts is not None else None)
 
-    def client(urls):
+    from megatron_topd.rollout.client import WINDOW_PRIORITY
+    from megatron_topd.rollout.config import windows_ahead
+
+    def client(urls, window_priority=None):
         r = cfg.rollout
         return SGLangClient(urls, vocab_size=vocab, context_length=r.context_length,
                             request_timeout_s=r.request_timeout_s, connect_timeout_s=r.connect_timeout_s,
                             max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
-                            max_inflight_per_server=r.max_inflight_per_server, progress=False)
+                            max_inflight_per_server=r.max_inflight_per_server, progress=False,
+                            window_priority=window_priority)
 
-    return client(student_urls), client(teacher_urls), student_urls
+    # async rollouts: the probe's windows go ahead of the next step's queued rollouts (rollout.windows_first)
+    ahead = WINDOW_PRIORITY if windows_ahead(cfg.rollout, cfg.train.async_rollouts) else None
+    return client(student_urls, ahead), client(teacher_urls), student_urls
 
 
 # ---- the phases of a step ---------------------------------------------------------------------------------------

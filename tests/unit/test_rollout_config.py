@@ -44,3 +44,22 @@ def test_bad_fields_are_named(kw, match):
 
 def test_urls_replace_model_path():
     RolloutConfig(urls=["http://10.0.0.5:30000"]).validate()
+
+
+def test_student_servers_run_priority_scheduling_only_with_async_rollouts(tmp_path):
+    """rollout.windows_first: the Slurm launcher's student servers (not the teacher's) get SGLang's priority
+    scheduling when rollouts are async, so the probe's windows go ahead of the next step's queued rollouts."""
+    from megatron_topd.launch.config import LaunchConfig
+    from megatron_topd.launch.servers import servers_on_node
+
+    lc = LaunchConfig(trainer_nodes=1, student_nodes=1, teacher_nodes=1)
+    for async_rollouts, windows_first, want in ((True, True, True), (False, True, False), (True, False, False)):
+        data = {"train": {"async_rollouts": async_rollouts, "student_hf_path": str(tmp_path / "s")},
+                "teacher": {"hf_path": str(tmp_path / "t")}, "rollout": {"windows_first": windows_first}}
+        for role in ("student", "teacher"):
+            (spec,) = servers_on_node(data, lc, role, ["node1"], 0, log_dir=tmp_path, dist_init_port=29000,
+                                      port=30000)
+            flagged = "--enable-priority-scheduling" in spec.server.command()
+            assert flagged == (want and role == "student"), (async_rollouts, windows_first, role)
+    with pytest.raises(ValueError, match="rollout.windows_first"):
+        RolloutConfig(model_path=str(tmp_path), windows_first="yes").validate()
