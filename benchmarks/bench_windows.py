@@ -62,7 +62,7 @@ def main() -> None:
             "grouped per server": lambda ps: [
                 RequestJob([list(range(len(ps)))[f:f + window_prompts_per_request(len(ps), 1)]])
                 for f in range(0, len(ps), window_prompts_per_request(len(ps), 1))],
-            "prefix families": lambda ps: window_request_plan(ps, client.urls),
+            "prefix families": lambda ps: window_request_plan(ps, client.urls, min_shared_tokens=0),
         }
 
         def windows(prefixes, plan):

@@ -87,6 +87,7 @@ class SGLangClient:
         server_cooldown_s: float = 5.0,
         progress: bool | None = None,
         window_priority: int | None = None,
+        family_min_shared_tokens: int | None = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         self.pool = ServerPool(urls, max_inflight=max_inflight_per_server, cooldown_s=server_cooldown_s)
@@ -98,6 +99,7 @@ class SGLangClient:
         self.retry_backoff_s = retry_backoff_s
         self.progress = progress
         self.window_priority = window_priority  # SGLang priority of continue_prefixes' requests (WINDOW_PRIORITY)
+        self.family_min_shared_tokens = family_min_shared_tokens  # None: FAMILY_MIN_SHARED_TOKENS (window_request_plan)
         self._tag = uuid.uuid4().hex[:8]
 
     @classmethod
@@ -312,10 +314,12 @@ class SGLangClient:
                          "acontinue_prefixes")
 
     async def acontinue_prefixes(self, prefixes, *, max_new_tokens, n, temperature, top_p, seed, servers=None):
+        plan_kw = {} if self.family_min_shared_tokens is None else {"min_shared_tokens": self.family_min_shared_tokens}
         params = SamplingParams(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p, seed=seed,
                                 stream="window")  # never the random streams of rollouts given the same seed
         gens = await self.agenerate(prefixes, params, return_logprobs=False, _what="prefixes",
-                                    request_plan=lambda checked: window_request_plan(checked, self.urls, servers),
+                                    request_plan=lambda checked: window_request_plan(checked, self.urls, servers,
+                                                                                     **plan_kw),
                                     priority=self.window_priority)
         return [[g.token_ids for g in row] for row in gens]
 
@@ -363,6 +367,10 @@ WINDOW_PROMPTS_PER_REQUEST = 64  # at most: bounds a request's body (16k-token p
 # ahead of queued async rollouts; a gap under SGLang's preemption threshold (10) retracts no running request.
 ROLLOUT_PRIORITY = 0
 WINDOW_PRIORITY = 1
+# Followers go in a second request only when each would reuse this many prefix tokens on average: a prefill of that
+# many tokens per follower then outweighs a second round of `window` decode steps (topd_70b: ~8k-token prefixes and
+# 50 steps; the CPU demo: ~100-token prefixes, where the second round cost more than it saved).
+FAMILY_MIN_SHARED_TOKENS = 256
 
 
 def window_prompts_per_request(n_prefixes: int, n_servers: int) -> int:
@@ -397,12 +405,16 @@ def prefix_families(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
 
 
 def window_request_plan(prefixes: Sequence[Sequence[int]], urls: Sequence[str],
-                        servers: Sequence[str | None] | None = None) -> list[RequestJob]:
+                        servers: Sequence[str | None] | None = None, *,
+                        min_shared_tokens: int = FAMILY_MIN_SHARED_TOKENS) -> list[RequestJob]:
     """The probe's window requests (`agenerate`'s ``request_plan``): prefix families of at most
     `WINDOW_PROMPTS_PER_REQUEST` per job; a job sends its leaders (the rows' longest prefixes) in one request, then
     their followers in a second one to the same server, which finds their KV in its radix cache. ``servers[i]``, the
     URL that generated prefix i's row (one of ``urls``; else ignored), sends its family there, where the whole row is
-    cached; families without one are dealt evenly over the servers.
+    cached; families without one are dealt evenly over the servers. When the followers would reuse fewer than
+    ``min_shared_tokens`` tokens each on average, a job is one request (leaders and followers together): short
+    prefixes cost less to prefill again than a second round of decode steps (on the CPU servers a decode step costs
+    in proportion to its batch, so the second round doubled the probe's window time under async rollouts).
 
     Why: a server that does not hold the row (the teacher's, which never sees the rollouts; a student server other
     than the one that generated it) otherwise prefills every prefix from scratch, ~1.5x a row's tokens with 3
@@ -420,8 +432,13 @@ def window_request_plan(prefixes: Sequence[Sequence[int]], urls: Sequence[str],
     for server, fams in by_server.items():
         for first in range(0, len(fams), per_request):
             chunk = fams[first:first + per_request]
+            leaders = [family[0] for family in chunk]
             followers = [i for family in chunk for i in family[1:]]
-            jobs.append(RequestJob([[family[0] for family in chunk]] + ([followers] if followers else []), server))
+            shared = sum(len(prefixes[i]) - 1 for i in followers)
+            if not followers or shared < min_shared_tokens * len(followers):
+                jobs.append(RequestJob([leaders + followers], server))
+            else:
+                jobs.append(RequestJob([leaders, followers], server))
     return jobs
 
 

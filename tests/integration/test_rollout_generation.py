@@ -109,8 +109,8 @@ def test_continuation_windows_follow_the_topd_protocol(rollout_target):
 def test_windows_go_out_as_prefix_families_and_followers_hit_the_radix_cache(rollout_target):
     """The probe's prefixes reach the server in two HTTP requests (not one each): every row's longest prefix, then the
     prefixes it extends, which the server finds in its radix cache; the greedy windows equal one request per prefix
-    and HF."""
-    client = rollout_target.client()
+    and HF. (Prefixes this short go in one request by default, FAMILY_MIN_SHARED_TOKENS: the test lowers it.)"""
+    client = rollout_target.client(family_min_shared_tokens=0)
     long0 = PROMPTS[0] + [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     prefixes = [long0, PROMPTS[1], long0[:9], PROMPTS[3], list(PROMPTS[1]), PROMPTS[2][:7]]
     followers = [2, 4]  # long0[:9] extends into long0; the copy of PROMPTS[1] into PROMPTS[1]

@@ -61,7 +61,7 @@ def test_window_request_plan_deals_families_over_servers_leaders_first():
     prefixes = [row[:t] for row in rows for t in (10, 20, 30)]  # 300 families of 3
     for servers, jobs_want in ((1, 5), (8, 8), (3, 5)):
         urls = [f"http://s{k}" for k in range(servers)]
-        plan = window_request_plan(prefixes, urls)
+        plan = window_request_plan(prefixes, urls, min_shared_tokens=0)
         assert len(plan) == jobs_want and all(job.server is None for job in plan)
         assert _checked_plan(plan, len(prefixes)) == plan
         for job in plan:
@@ -80,7 +80,7 @@ def test_window_request_plan_sends_each_family_to_the_server_that_generated_its_
     row_server = ["http://a" if r % 4 else "http://b" for r in range(100)]  # 75 rows on a, 25 on b
     hints = [row_server[i // 3] for i in range(len(prefixes))]
     hints[3 * 7 + 2] = "http://gone"  # not one of the client's servers: dealt like a row without a hint
-    plan = window_request_plan(prefixes, ["http://a", "http://b"], hints)
+    plan = window_request_plan(prefixes, ["http://a", "http://b"], hints, min_shared_tokens=0)
     assert _checked_plan(plan, len(prefixes)) == plan
     for job in plan:
         assert len(job.requests[0]) <= WINDOW_PROMPTS_PER_REQUEST
@@ -89,6 +89,18 @@ def test_window_request_plan_sends_each_family_to_the_server_that_generated_its_
         else:
             assert {row_server[i // 3] for request in job.requests for i in request} == {job.server}
     assert sorted(len(job.requests[0]) for job in plan) == [1, 24, 25, 50]  # a: 74 rows in jobs of <= 50
+
+
+def test_short_prefixes_go_in_one_request_per_job():
+    """A second request pays off only when the followers would reuse enough prefix tokens (`min_shared_tokens`)."""
+    rng = random.Random(2)
+    rows = [[rng.randrange(3, 1000) for _ in range(30)] for _ in range(10)]
+    prefixes = [row[:t] for row in rows for t in (10, 20, 30)]  # followers reuse 9 and 19 tokens: 14 on average
+    for threshold, requests in ((14, 2), (15, 1), (256, 1)):
+        (job,) = window_request_plan(prefixes, ["http://a"], min_shared_tokens=threshold)
+        assert len(job.requests) == requests
+        assert sorted(i for r in job.requests for i in r) == list(range(30))
+        assert all(len(prefixes[i]) == 30 for i in job.requests[0][:10])  # leaders first either way
 
 
 def test_a_plan_must_cover_every_prompt_exactly_once():
