@@ -1,7 +1,7 @@
 """The probe's window generation against a real SGLang server, three request layouts side by side in one run:
 one HTTP request per prefix (the first code), the prefixes grouped per server (`window_prompts_per_request`), and
 prefix families (`client.window_request_plan`: each row's longest prefix first, the row's shorter prefixes after it
-to the same server).
+to the same server; the second request forced, `min_shared_tokens=0`, whatever the prefixes' length).
 
 Setup (bench_step's TOPD step on one server): the tiny student of `testing/tiny_assets.py`, 16 prompts x 4 samples of
 48 tokens, 3 candidates per response and a window of 8 tokens: ~190 prefixes. Two cache states: "warm" - the server
