@@ -75,14 +75,19 @@ def test_server_whose_picked_port_was_taken_meanwhile_restarts_on_a_fresh_one(ti
         squatter.listen()
         taken = squatter.getsockname()[1]
         server.port = taken  # what the race looks like: the picked port is bound by someone else
-        with server:
-            assert server.port != taken and server.healthy()
-            assert "address already in use" in (tmp_path / "logs" / f"sglang-127.0.0.1-{taken}.log").read_text()
-            gens = SGLangClient([server.url], vocab_size=1000, context_length=256).generate(
-                [[5, 6, 7]], SamplingParams(max_new_tokens=4, temperature=0.0))
-            assert len(gens[0][0].token_ids) == 4
         fixed = SGLangServer(tiny_model_dir, python=sglang_python(), port=taken, log_dir=tmp_path / "logs2",
                              startup_timeout_s=600)
-        with pytest.raises(ServerStartError, match="exited with code"):
-            with fixed:
-                pass
+        fixed.start()  # a port the user gave: started beside the first server, so the two start-ups overlap
+        try:
+            with server:
+                assert server.port != taken and server.healthy()
+                assert "address already in use" in (tmp_path / "logs" / f"sglang-127.0.0.1-{taken}.log").read_text()
+                gens = SGLangClient([server.url], vocab_size=1000, context_length=256).generate(
+                    [[5, 6, 7]], SamplingParams(max_new_tokens=4, temperature=0.0))
+                assert len(gens[0][0].token_ids) == 4
+            with pytest.raises(ServerStartError, match="exited with code"):
+                with fixed:
+                    pass
+            assert fixed.port == taken
+        finally:
+            fixed.stop()

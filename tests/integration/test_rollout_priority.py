@@ -1,5 +1,5 @@
 """`rollout.windows_first`: on a student server run with SGLang's priority scheduling, the probe's window requests go
-ahead of queued (async) rollouts; without it they wait behind every rollout queued before them."""
+ahead of queued (async) rollouts; at the rollouts' own priority they wait behind every rollout queued before them."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 ROLLOUTS = [[(13 * i + j) % 990 + 5 for j in range(8)] for i in range(8)]
 
 
-async def _rollouts_done_while_window_waits(url: str, window_priority: int | None) -> tuple[int, int]:
+async def _rollouts_done_while_window_waits(url: str, window_priority: int) -> tuple[int, int]:
     """Eight rollouts queue on a server that runs two requests at a time; then one window request arrives. Returns
     (rollouts finished when it was sent, rollouts finished while it was out)."""
     client = SGLangClient([url], vocab_size=1000, context_length=512, window_priority=window_priority)
@@ -27,8 +27,8 @@ async def _rollouts_done_while_window_waits(url: str, window_priority: int | Non
         finished.append(i)
 
     rollouts = asyncio.ensure_future(client.agenerate(
-        ROLLOUTS, SamplingParams(max_new_tokens=200, temperature=0.0, ignore_eos=True), on_prompt_done=rollout_done,
-        priority=ROLLOUT_PRIORITY if window_priority is not None else None))
+        ROLLOUTS, SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True), on_prompt_done=rollout_done,
+        priority=ROLLOUT_PRIORITY))
     await asyncio.sleep(0.3)  # all eight queued, two running
     at_send = len(finished)
     await client.acontinue_prefixes([[5, 6, 7, 8]], max_new_tokens=4, n=1, temperature=0.0, top_p=1.0, seed=None)
@@ -37,26 +37,24 @@ async def _rollouts_done_while_window_waits(url: str, window_priority: int | Non
     return at_send, while_out
 
 
-def test_windows_jump_the_rollout_queue_only_where_priority_scheduling_runs(tiny_model_dir, tmp_path):
+def test_windows_jump_the_rollout_queue_on_a_priority_scheduling_server(tiny_model_dir, tmp_path):
     cfg = Config()
-    cfg.train.async_rollouts = True
     assert windows_ahead(cfg.rollout, True) and student_server_flags(cfg.rollout, True) == ["--enable-priority-scheduling"]
     assert student_server_flags(cfg.rollout, False) == [] and not windows_ahead(cfg.rollout, False)
     cfg.rollout.windows_first = False
     assert student_server_flags(cfg.rollout, True) == []
 
-    two_at_a_time = ["--max-running-requests", "2"]
-    servers = {"priority": start_server(tiny_model_dir, tmp_path / "p", extra_args=[*two_at_a_time,
-                                                                                   "--enable-priority-scheduling"]),
-               "fcfs": start_server(tiny_model_dir, tmp_path / "f", extra_args=two_at_a_time)}
+    server = start_server(tiny_model_dir, tmp_path, extra_args=["--max-running-requests", "2",
+                                                               *student_server_flags(Config().rollout, True)])
     try:
-        seen = {name: asyncio.run(_rollouts_done_while_window_waits(s.wait_healthy().url, WINDOW_PRIORITY))
-                for name, s in servers.items()}
+        url = server.wait_healthy().url
+        seen = {name: asyncio.run(_rollouts_done_while_window_waits(url, priority))
+                for name, priority in (("window priority", WINDOW_PRIORITY), ("rollout priority", ROLLOUT_PRIORITY))}
     finally:
-        for s in servers.values():
-            s.stop()
+        server.stop()
     print("rollouts finished (when the window was sent, while it was out):", seen)
-    # with priorities: admitted at the first free slot, so at most the running pair finishes meanwhile
-    assert seen["priority"][0] <= 2 and seen["priority"][1] <= 2, seen
-    # without: the priorities are ignored and the window waits behind every rollout queued before it
-    assert seen["fcfs"][0] <= 2 and seen["fcfs"][1] >= 8 - seen["fcfs"][0] - 2, seen
+    # ahead: admitted at the first free slot, so at most the running pair finishes meanwhile
+    assert seen["window priority"][0] <= 2 and seen["window priority"][1] <= 2, seen
+    # at the rollouts' priority: first come, first served - behind every rollout queued before it
+    at_send, while_out = seen["rollout priority"]
+    assert at_send <= 2 and while_out >= 8 - at_send - 2, seen
