@@ -3,9 +3,8 @@
 Token ids in, token ids out (the trainer owns tokenization). Every call validates its inputs before sending anything
 (an out-of-range id or an empty prompt crashes an SGLang server), spreads one HTTP request per prompt (for the
 probe's windows: per family of prefixes, `window_request_plan`) over the servers (`ServerPool`), retries failed
-requests elsewhere, and
-validates every answer: each sample carries a request id (rid) of its own, and an answer is accepted only if it holds
-exactly the rids that were sent, in order. A call therefore returns every requested sample exactly once, or raises.
+requests elsewhere, and validates every answer: each sample carries a request id (rid) of its own, and an answer is
+accepted only if it holds exactly the rids that were sent, in order. A call therefore returns every requested sample exactly once, or raises.
 
 Sync methods (`generate`, `score`, `continue_prefixes`) wrap the async ones (`agenerate`, `ascore`) for callers that
 are not in an event loop, such as the training loop. `continue_prefixes` implements `topd.sampler.ContinuationSampler`.
