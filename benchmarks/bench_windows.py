@@ -38,8 +38,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from megatron_topd.rollout import SGLangClient, SGLangServer
-    from megatron_topd.rollout.client import (RequestJob, prefix_families, window_prompts_per_request,
-                                              window_request_plan)
+    from megatron_topd.rollout.client import prefix_families, window_prompts_per_request, window_request_plan
     from megatron_topd.rollout.sampling import SamplingParams
     from megatron_topd.testing.tiny_assets import build_tiny_assets
     from megatron_topd.testing.tiny_hf import load_spec
@@ -57,25 +56,22 @@ def main() -> None:
                                  ignore_eos=True)
         window = SamplingParams(max_new_tokens=args.window, n=1, temperature=0.0, stream="window")
 
-        plans = {
-            "one request per prefix": lambda ps: [RequestJob([[i]]) for i in range(len(ps))],
-            "grouped per server": lambda ps: [
-                RequestJob([list(range(len(ps)))[f:f + window_prompts_per_request(len(ps), 1)]])
-                for f in range(0, len(ps), window_prompts_per_request(len(ps), 1))],
-            "prefix families": lambda ps: window_request_plan(ps, client.urls, min_shared_tokens=0),
+        plans = {  # name -> agenerate's grouping of these prefixes
+            "one request per prefix": lambda ps: {"prompts_per_request": 1},
+            "grouped per server": lambda ps: {"prompts_per_request": window_prompts_per_request(len(ps), 1)},
+            "prefix families": lambda ps: {"request_plan": lambda checked: window_request_plan(
+                checked, client.urls, min_shared_tokens=0)},
         }
 
-        def windows(prefixes, plan):
+        def windows(prefixes, grouping):
+            """Seconds, the windows, and (tokens prefilled, tokens found in the radix cache) from the server's log."""
             log = ServerLog(server)
             t = time.perf_counter()
-            gens = asyncio.run(client.agenerate(prefixes, window, return_logprobs=False, _what="prefixes",
-                                                request_plan=plan))
+            gens = asyncio.run(client.agenerate(prefixes, window, return_logprobs=False, _what="prefixes", **grouping))
             seconds = time.perf_counter() - t
-            prefilled[plan] = log.prefill_tokens()
-            return seconds, [[g.token_ids for g in row] for row in gens]
+            return seconds, [[g.token_ids for g in row] for row in gens], log.prefill_tokens()
 
         times = {(state, name): [] for state in ("warm", "cold") for name in plans}
-        prefilled: dict = {}
         tokens = {key: [] for key in times}  # (tokens prefilled, tokens found in the radix cache) per call
         same: list[float] = []  # greedy windows equal across layouts (float32 batching can flip a near-tie)
         for r in range(args.rounds):
@@ -88,9 +84,9 @@ def main() -> None:
                     flush_cache(server)
                     if state == "warm":  # the rows' KV in the radix cache, as a student server holds it
                         client.generate(rows, SamplingParams(max_new_tokens=1, temperature=0.0))
-                    seconds, out = windows(prefixes, plans[name])
+                    seconds, out, prefilled = windows(prefixes, plans[name](prefixes))
                     times[(state, name)].append(seconds)
-                    tokens[(state, name)].append(prefilled[plans[name]])
+                    tokens[(state, name)].append(prefilled)
                     outs.append(out)
                 same += [sum(a == b for a, b in zip(outs[0], o)) / len(o) for o in outs[1:]]
             print(f"round {r}: " + ", ".join(f"{s} / {n} {v[-1]:.3f} s" for (s, n), v in times.items()), flush=True)

@@ -4,7 +4,8 @@ Token ids in, token ids out (the trainer owns tokenization). Every call validate
 (an out-of-range id or an empty prompt crashes an SGLang server), spreads one HTTP request per prompt (for the
 probe's windows: per family of prefixes, `window_request_plan`) over the servers (`ServerPool`), retries failed
 requests elsewhere, and validates every answer: each sample carries a request id (rid) of its own, and an answer is
-accepted only if it holds exactly the rids that were sent, in order. A call therefore returns every requested sample exactly once, or raises.
+accepted only if it holds exactly the rids that were sent, in order. A call therefore returns every requested sample
+exactly once, or raises.
 
 Sync methods (`generate`, `score`, `continue_prefixes`) wrap the async ones (`agenerate`, `ascore`) for callers that
 are not in an event loop, such as the training loop. `continue_prefixes` implements `topd.sampler.ContinuationSampler`.
@@ -193,8 +194,9 @@ class SGLangClient:
         return _run_sync(self.agenerate(prompts, params, **kw), "agenerate")
 
     async def _generate_group(self, session, call, indices, prompts, params, return_logprobs, top_logprobs,
-                              affinity=None, priority=None):
-        """Prompts ``indices`` in one HTTP request; returns each one's ``params.n`` generations, in that order."""
+                              affinity: list, priority: int | None):
+        """Prompts ``indices`` in one HTTP request; returns each one's ``params.n`` generations, in that order.
+        ``affinity``: `post_json`'s server box, shared by the requests of one `RequestJob`."""
         # Greedy samples are identical: compute one and copy it n times.
         n_sent = 1 if params.greedy else params.n
         keys = [(i, j) for i in indices for j in range(n_sent)]  # (prompt index, sample)
@@ -222,7 +224,6 @@ class SGLangClient:
             ]
             return [gens[k * n_sent:(k + 1) * n_sent] for k in range(len(indices))]
 
-        affinity = [None] if affinity is None else affinity
         groups = await self._post(session, "/generate", payload, check, f"generate({where})", affinity=affinity)
         for gens in groups:
             for g in gens:
