@@ -1,19 +1,25 @@
 """Malformed inputs fail with a clear error before anything is sent (an out-of-range id or an empty prompt would
 crash a real SGLang server). The client points at a port where nothing listens: had it sent anything, the error
-would be a connection failure instead of the ValueError."""
+would be a connection failure instead of the ValueError. The port is bound by a socket of the test's own that never
+listens, held for the test's whole duration, so nothing else can start listening there meanwhile."""
 from __future__ import annotations
+
+import socket
 
 import pytest
 
 from megatron_topd.rollout import RequestFailed, SamplingParams, SGLangClient
 from megatron_topd.rollout.sampling import derive_seed
-from megatron_topd.rollout.server import free_port
 
 
 @pytest.fixture
 def client():
-    return SGLangClient(f"http://127.0.0.1:{free_port()}", vocab_size=1000, context_length=64, max_retries=1,
-                        retry_backoff_s=0.01, server_cooldown_s=0.01)
+    """A client of 127.0.0.1:<port>, where <port> is bound (so no one else can take it) but not listening: a
+    connection is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        yield SGLangClient(f"http://127.0.0.1:{silent.getsockname()[1]}", vocab_size=1000, context_length=64,
+                           max_retries=1, retry_backoff_s=0.01, server_cooldown_s=0.01)
 
 
 GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
