@@ -5,6 +5,11 @@ joins the same rendezvous. Each sync: `/begin_weight_update`, then per bucket `/
 the bucket's names/dtypes/shapes (`load_format=flattened_bucket`) in flight on every server while rank 0 broadcasts
 the bucket as one flat byte buffer, then `/end_weight_update`. Works across machines (the servers connect to
 `master_address:master_port`), and on GPUs the bytes never leave the GPUs.
+
+The port: every trainer rank builds this object, but only rank 0 listens. Rank 0 binds the rendezvous store when the
+object is made (port 0: the OS's choice, held from then on, so nothing can take it before the group forms) and
+broadcasts the port to the other ranks; no rank ever binds `master_address`, which is trainer node 1's address and
+not assignable on the other trainer nodes (binding it there failed with Errno 99).
 """
 from __future__ import annotations
 
@@ -13,11 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..server import free_port
 from . import admin
-from .base import WeightSync, close_sessions
+from .base import WeightSync, _rank, close_sessions
 from .buckets import flatten, iter_buckets, meta
-from .process_group import broadcast_from_rank0, destroy, new_update_group
+from .process_group import broadcast_from_rank0, destroy, listen, new_update_group
+
+
+def share_from_rank0(value):
+    """`value` of rank 0 on every rank of the default group (itself without one)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class DistributedWeightSync(WeightSync):
@@ -31,11 +44,13 @@ class DistributedWeightSync(WeightSync):
         if backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("rollout.sync_backend='nccl' needs CUDA on the trainer: use 'gloo' on CPU")
         self.master_address = master_address
-        self.master_port = master_port or free_port(master_address)
         self.backend = backend
         self.tp_size = tp_size
-        self.group_name = f"megatron_topd_weights_{uuid.uuid4().hex[:8]}"
         self.world_size = 1 + len(self.urls) * tp_size
+        # Rank 0 listens (bound now, on every interface; master_port 0: the OS's choice) and tells the others.
+        self.store = listen(master_port, self.world_size, self.timeout_s) if _rank() == 0 else None
+        self.master_port, self.group_name = share_from_rank0(
+            (self.store.port, f"megatron_topd_weights_{uuid.uuid4().hex[:8]}") if self.store is not None else None)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.pg = None
 
@@ -51,8 +66,8 @@ class DistributedWeightSync(WeightSync):
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
             futures = admin.submit_all(pool, self.urls, "/init_weights_update_group", payloads, timeout_s=self.timeout_s)
             try:
-                self.pg = new_update_group(self.master_address, self.master_port, self.world_size, self.group_name,
-                                           self.backend, self.timeout_s)
+                self.pg = new_update_group(self.store, self.world_size, self.group_name, self.backend,
+                                           self.timeout_s)
             finally:
                 admin.wait_all(futures, "init_weights_update_group")
 
@@ -93,4 +108,5 @@ class DistributedWeightSync(WeightSync):
                     pass
             destroy(self.pg)
             self.pg = None
+        self.store = None  # the last reference: the port is released
         self.closed = True

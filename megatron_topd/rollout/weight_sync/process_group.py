@@ -14,13 +14,21 @@ import torch
 from torch.distributed import distributed_c10d as c10d
 
 
-def new_update_group(master_address: str, master_port: int, world_size: int, group_name: str, backend: str,
+def listen(port: int, world_size: int, timeout_s: float) -> "torch.distributed.TCPStore":
+    """The group's rendezvous store, hosted here (rank 0) and listening at once on every interface of this node:
+    `port` 0 lets the OS choose (read it back as `.port`), so no port is picked by one process and bound later.
+
+    Hosted ourselves rather than through c10d.rendezvous: under torchrun, TORCHELASTIC_USE_AGENT_STORE makes rendezvous
+    connect as a client to a store the elastic agent hosts, and nobody would host this one (deadlock). The store's own
+    client reaches it through loopback; the servers connect to `master_address` (this node's routable address)."""
+    return torch.distributed.TCPStore("127.0.0.1", port, world_size, True, timedelta(seconds=timeout_s),
+                                      wait_for_workers=False, multi_tenant=True)
+
+
+def new_update_group(store: "torch.distributed.TCPStore", world_size: int, group_name: str, backend: str,
                      timeout_s: float) -> "torch.distributed.ProcessGroup":
-    """Create the group as rank 0 (blocks until all `world_size` ranks have joined)."""
+    """Create the group as rank 0 on `store` (from `listen`); blocks until all `world_size` ranks have joined."""
     timeout = timedelta(seconds=timeout_s)
-    # Host the store ourselves rather than through c10d.rendezvous: under torchrun, TORCHELASTIC_USE_AGENT_STORE makes
-    # rendezvous connect as a client to a store the elastic agent hosts, and nobody would host this one (deadlock).
-    store = torch.distributed.TCPStore(master_address, master_port, world_size, True, timeout, multi_tenant=True)
     rank = 0
     pg, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(group_name, store),
