@@ -2,6 +2,11 @@
 
 Why a harness of our own and not torchrun: tests need the per-rank return values and the traceback of whichever
 rank failed, inside one pytest process, with a hard timeout so a hung collective fails the test instead of CI.
+
+Rendezvous: the parent owns it, as torchrun's agent does. It creates a TCPStore on a port the OS picks (port 0, bound
+at once and read back), holds it until every rank has finished, and the ranks connect to it as clients
+(`init_process_group(store=...)`). No port is ever chosen by one process and bound later by another, so nothing can
+take it in between (with MASTER_PORT picked in the parent and bound by rank 0 after its imports, it could).
 """
 from __future__ import annotations
 
@@ -31,15 +36,17 @@ class _Job:
     args: tuple
     kwargs: dict
     world_size: int
-    port: int
+    store_port: int  # the parent's TCPStore on 127.0.0.1
+    timeout: float
     threads: int
     env: dict
 
 
 def _rank_main(rank: int, job: _Job, queue) -> None:
+    # No MASTER_PORT: torch.distributed is initialised from the parent's store below, and nothing in a rank may bind
+    # a rendezvous port of its own.
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(job.port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(job.world_size),
@@ -56,7 +63,11 @@ def _rank_main(rank: int, job: _Job, queue) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(job.threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=job.world_size)
+        from datetime import timedelta
+
+        store = dist.TCPStore("127.0.0.1", job.store_port, job.world_size, is_master=False,
+                              timeout=timedelta(seconds=job.timeout))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=job.world_size)
         result = job.fn(*job.args, **job.kwargs)
         queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -82,12 +93,20 @@ def run_on_ranks(
     """Call ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
 
     ``fn`` must be importable (module level). torch.distributed is initialised before it runs
-    (RANK/WORLD_SIZE/MASTER_* set), so ``fn`` may call ``megatron_topd.parallel.initialize``.
+    (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR set; the rendezvous is a TCPStore this process holds), so ``fn`` may
+    call ``megatron_topd.parallel.initialize``.
     Raises RankFailed with the tracebacks of the failing ranks, or TimeoutError if any rank hangs.
     """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # Bound here, on a port the OS chose, before any rank exists; closed only after every rank has exited.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    job = _Job(fn, args, kwargs, world_size, free_port(), threads_per_rank, dict(env or {}))
+    job = _Job(fn, args, kwargs, world_size, store.port, timeout, threads_per_rank, dict(env or {}))
     procs = [ctx.Process(target=_rank_main, args=(r, job, queue), daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
@@ -125,6 +144,7 @@ def run_on_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
+        del store  # the rendezvous outlives every rank
     if errors:
         raise RankFailed("".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
     return [results[r] for r in range(world_size)]
