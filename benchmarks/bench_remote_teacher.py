@@ -37,7 +37,8 @@ def colocated(assets: dict, prompts, responses) -> float:
     from megatron_topd import parallel
     from megatron_topd.checkpointing import load_model_weights
     from megatron_topd.models import ModelSpec, build_gpt_model
-    from megatron_topd.train.batches import RolloutRows, rollout_microbatches
+    from megatron_topd.train.batches import rollout_microbatches
+    from megatron_topd.train.handoffs import RolloutRows
     from megatron_topd.train.scoring import score_rollouts
     from megatron_topd.train.teacher import ColocatedTeacher
 

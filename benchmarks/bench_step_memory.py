@@ -48,7 +48,7 @@ def _lengths(rows: int, max_len: int, seed: int = 0) -> list[int]:
 def _setup(rows: int, max_len: int):
     from megatron_topd import parallel
     from megatron_topd.models import ModelSpec, PrecisionConfig, build_gpt_model
-    from megatron_topd.train.batches import RolloutRows
+    from megatron_topd.train.handoffs import RolloutRows
     from megatron_topd.train.optim import OptimConfig, build_optimizer, wrap_ddp
 
     parallel.initialize(2, 1, seed=0)

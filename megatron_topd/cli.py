@@ -22,12 +22,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 optim.lr=1e-6")
     args = parser.parse_args(argv)
     _quiet_library_warnings()
-    try:
-        from megatron_topd.train import loop  # noqa: F401
-    except ImportError:
-        print(f"megatron-topd {args.command}: the training loop is not built yet (see the open issues)", file=sys.stderr)
-        return 2
-    return loop.main(args.command, args.config, args.overrides)
+    if args.command == "demo":
+        from megatron_topd import demo
+
+        return demo.main(args.config, args.overrides)
+    from megatron_topd import parallel
+    from megatron_topd.config import load_config
+    from megatron_topd.train.loop import train
+
+    train(load_config(args.config, args.overrides))
+    parallel.destroy()
+    return 0
 
 
 def _quiet_library_warnings() -> None:

@@ -21,9 +21,7 @@ from megatron_topd.models.precision import PrecisionConfig
 from megatron_topd.models.spec import ModelSpec
 from megatron_topd.rollout.config import RolloutConfig
 from megatron_topd.topd.config import TEACHER_PLACEMENTS, TopdConfig
-from megatron_topd.train.estimators import KL_ESTIMATORS
-from megatron_topd.train.evaluation import EvalConfig
-from megatron_topd.train.optim import OptimConfig
+from megatron_topd.train.config import KL_ESTIMATORS, EvalConfig, OptimConfig
 
 
 RECOMPUTE = ("none", "selective", "full")
@@ -60,7 +58,7 @@ class ParallelConfig:
 
     def check_machine(self) -> None:
         """Knobs this machine cannot run, as clear errors (called where the trainer starts, not on a login node)."""
-        from megatron_topd.models.build import use_transformer_engine
+        from megatron_topd.models.precision import use_transformer_engine
 
         if self.sequence_parallel and not use_transformer_engine():
             raise ValueError("parallel.sequence_parallel=true needs Transformer Engine layers on a GPU (Megatron's "
@@ -121,6 +119,7 @@ class TeacherConfig:
                 raise ValueError(f"teacher.urls[{i}]={url!r}: use a full URL such as http://node07:30000")
 
 
+PROMPT_OVERFLOW = ("error", "skip")
 NONFINITE = ("skip", "stop")
 GUIDANCE_LAYOUTS = ("auto", "shared_prefix", "rows")
 
@@ -149,8 +148,13 @@ class TrainConfig:
     # Guidance windows inside their rollout row (shared_prefix: K tokens each instead of prefix + K; needs Megatron's
     # local attention) or as rows of their own (rows); auto: shared_prefix unless Transformer Engine layers are used.
     guidance_layout: str = "auto"
+    # A prompt longer than max_seq_length - rollout.max_new_tokens (- topd.window) is found before any model is
+    # built: error (list them, stop) or skip (drop and count them; the run's metrics say how many).
+    prompt_overflow: str = "error"
 
     def validate(self) -> None:
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            raise ValueError(f"train.prompt_overflow={self.prompt_overflow!r}: use {' or '.join(PROMPT_OVERFLOW)}")
         for name in ("steps", "prompts_per_step", "max_seq_length", "max_tokens_per_microbatch",
                      "teacher_group_microbatches", "save_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

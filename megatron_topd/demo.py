@@ -1,6 +1,6 @@
 """The CPU demo (`make demo`): a real TOPD run in which a small student gets better at a task.
 
-1. Assets (megatron_topd/tasks/assets.py, built once and cached under runs/demo/assets): 4-digit addition with a
+1. Assets (megatron_topd/task_assets.py, built once and cached under runs/demo/assets): 4-digit addition with a
    digit-by-digit chain of thought, one character-level tokenizer, a teacher trained on it through the project's own
    Megatron step (SFT) and exported to HF, and a smaller student given a short SFT warm start.
 2. TOPD through the real system: torchrun on 2 CPU ranks (TP=2 over gloo); rank 0 starts the SGLang CPU servers of
@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_assets(root: Path) -> dict[str, Path]:
     """The task's models and prompt files (a subprocess: it runs its own one-rank process group)."""
-    from megatron_topd.tasks.assets import asset_paths
+    from megatron_topd.task_assets import asset_paths
 
-    subprocess.run([sys.executable, "-m", "megatron_topd.tasks.assets", "--out", str(root)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "megatron_topd.task_assets", "--out", str(root)], cwd=REPO, check=True,
                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     return asset_paths(root)
 

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (rollouts and probes follow)")
     p.add_argument("--out", default=str(REPO / "runs" / "experiment"))
     p.add_argument("--fresh", action="store_true", help="rerun every run instead of reusing finished ones")
-    p.add_argument("--assets", default=None, help="use this asset folder as it is (megatron_topd/tasks/assets.py "
+    p.add_argument("--assets", default=None, help="use this asset folder as it is (megatron_topd/task_assets.py "
                    "output) instead of building the demo's under runs/demo/assets")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     return p.parse_args(argv)
@@ -115,8 +115,8 @@ def plot(path: Path, results: dict) -> None:
 
 def main(argv=None) -> int:
     from megatron_topd.config import load_config
-    from megatron_topd.tasks.assets import asset_paths
-    from megatron_topd.train.loop import Rollouts
+    from megatron_topd.task_assets import asset_paths
+    from megatron_topd.train.setup import LaunchedServers
 
     args = parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         paths = asset_paths(args.assets)
         if not paths["report"].is_file():
             raise SystemExit(f"--assets {args.assets}: no assets.json there; build it with python -m "
-                             "megatron_topd.tasks.assets --out DIR")
+                             "megatron_topd.task_assets --out DIR")
     else:
         paths = build_assets(REPO / "runs" / "demo" / "assets")
     base = [*asset_overrides(paths), *args.overrides]
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     # Seed-major order: an interrupted experiment has every variant at the seeds it finished.
     runs = [(seed, variant) for seed in seeds for variant in variants]
     todo = [(s, v) for s, v in runs if args.fresh or not run_finished(out / f"{v}-seed{s}", cfg.train.steps)]
-    servers = Rollouts(cfg) if todo else None
+    servers = LaunchedServers(cfg) if todo else None
     try:
         if servers is not None:
             student_urls, teacher_urls = servers.start()

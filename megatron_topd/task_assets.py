@@ -1,6 +1,6 @@
 """The demo's models, built offline and cached: one tokenizer, a teacher trained on the task, a warm-started student.
 
-    python -m megatron_topd.tasks.assets --out runs/demo/assets
+    python -m megatron_topd.task_assets --out runs/demo/assets
 
 Both models are trained through the project's own Megatron training step (`train.sft`) in one process (gloo, TP=1),
 saved as Megatron checkpoints (the trainer's input) and exported to HF (the SGLang servers' input) with the

@@ -31,14 +31,14 @@ TASK_ASSET_ARGS = ["--digits", "2", "--teacher-steps", "250", "--student-steps",
 @pytest.fixture(scope="session")
 def task_assets(tmp_path_factory) -> dict:
     """The demo's task assets at a small recipe (2-digit addition, ~20 s of SFT): a trained teacher and a
-    warm-started student, through megatron_topd.tasks.assets' command line."""
+    warm-started student, through megatron_topd.task_assets' command line."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from megatron_topd.tasks.assets import asset_paths
+    from megatron_topd.task_assets import asset_paths
 
     out = tmp_path_factory.mktemp("task_assets") / "assets"
-    subprocess.run([sys.executable, "-m", "megatron_topd.tasks.assets", "--out", str(out), *TASK_ASSET_ARGS],
+    subprocess.run([sys.executable, "-m", "megatron_topd.task_assets", "--out", str(out), *TASK_ASSET_ARGS],
                    cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True)
     return asset_paths(out)

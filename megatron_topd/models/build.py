@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_topd.models.precision import PrecisionConfig, transformer_engine_available
+from megatron_topd.models.precision import PrecisionConfig, use_transformer_engine
 from megatron_topd.models.shared_prefix import enable_token_positions
 from megatron_topd.models.spec import ModelSpec
 
@@ -26,10 +26,6 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOC
             f"tensor_parallel={tensor_parallel}; use a tensor-parallel size that divides {padded}"
         )
     return padded
-
-
-def use_transformer_engine() -> bool:
-    return torch.cuda.is_available() and transformer_engine_available()[0]
 
 
 def transformer_config(spec: ModelSpec, precision: PrecisionConfig | None = None, **overrides):

@@ -39,6 +39,13 @@ class PrecisionConfig:
         check_fp8_available(self.fp8_recipe)
 
 
+def use_transformer_engine() -> bool:
+    """Build Transformer Engine layers: only with a GPU and an importable TE (FP8 needs both)."""
+    import torch
+
+    return torch.cuda.is_available() and transformer_engine_available()[0]
+
+
 def transformer_engine_available() -> tuple[bool, str]:
     """(available, reason). A broken TE install raises RuntimeError on import, not ImportError: both mean 'no'."""
     try:

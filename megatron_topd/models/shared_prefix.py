@@ -31,7 +31,7 @@ _positions: torch.Tensor | None = None
 
 def check_supported() -> None:
     """Raise unless the model's attention applies a dense mask (Megatron's local layers, not Transformer Engine)."""
-    from megatron_topd.models.build import use_transformer_engine
+    from megatron_topd.models.precision import use_transformer_engine
 
     if use_transformer_engine():
         raise ValueError("train.guidance_layout=shared_prefix needs Megatron's local attention, which applies a dense "

@@ -56,18 +56,18 @@ def _init_process_group(backend: str | None, timeout_s: float) -> None:
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
+    store = None
     if "MASTER_PORT" not in env:
         if int(env["WORLD_SIZE"]) != 1:
             raise RuntimeError("MASTER_PORT is not set: launch with torchrun/srun or set MASTER_ADDR and MASTER_PORT.")
-        from megatron_topd.parallel.spawn import free_port
-
-        env["MASTER_PORT"] = str(free_port())
+        store = dist.HashStore()  # one process: an in-memory rendezvous, no port to pick and bind
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
     dist.init_process_group(
-        backend, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s)
+        backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+        timeout=timedelta(seconds=timeout_s)
     )
 
 
@@ -149,6 +149,13 @@ def tensor_parallel_group():
     if ps.model_parallel_is_initialized():
         return ps.get_tensor_model_parallel_group()
     return None
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` from global rank ``src`` on every rank of ``group`` (pickled: for small, irregular payloads only)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 def destroy() -> None:

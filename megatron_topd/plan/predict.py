@@ -171,7 +171,7 @@ def predict_memory(cfg, student_spec: ModelSpec, teacher_spec: ModelSpec | None 
     The teacher counts only when `cfg.teacher.placement == "colocated"`.
     """
     if profile is None:
-        from megatron_topd.models.build import use_transformer_engine
+        from megatron_topd.models.precision import use_transformer_engine
 
         profile = "te_flash" if use_transformer_engine() else "local_unfused"
     p, t = cfg.parallel, cfg.train

@@ -19,7 +19,6 @@ bound to one event loop); every collective stays on the main thread.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import threading
 import time
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_topd.rollout.client import ROLLOUT_PRIORITY
 from megatron_topd.rollout.config import windows_ahead
+from megatron_topd.rollout.step_batch import StepBatch
 
 
 def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=None):
@@ -38,7 +38,6 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=N
     servers as soon as they are generated, while the other prompts still generate; the scores ride in the batch."""
     from megatron_topd.rollout import SamplingParams
     from megatron_topd.rollout.records import records_from_generations, write_records
-    from megatron_topd.train.loop import StepBatch
 
     prompts = dataset.next_batch(cfg.train.prompts_per_step)
     dataset_state = dataset.state_dict()  # right after the draw: the checkpoint of step k resumes at step k+1
@@ -114,7 +113,7 @@ class AsyncRollouts(SyncRollouts):
         self.last_step = last_step  # no prefetch beyond it (exclusive)
         self._thread: threading.Thread | None = None
         self._box: dict = {}
-        self._client = _own_client(client) if rank0 else None
+        self._client = client.with_own_pool() if rank0 else None
         self._scorer = scorer.with_own_client() if rank0 and scorer is not None else None
 
     def next(self, step: int):
@@ -175,12 +174,3 @@ def _share(payload):
         box[0].teacher = teacher
     return box[0]
 
-
-def _own_client(client):
-    """The same servers and settings with a fresh connection pool (the background thread runs its own loop)."""
-    from megatron_topd.rollout.pool import ServerPool
-
-    clone = copy.copy(client)
-    pool = client.pool
-    clone.pool = ServerPool(list(client.urls), max_inflight=pool.max_inflight, cooldown_s=pool.cooldown_s)
-    return clone

@@ -102,6 +102,13 @@ class SGLangClient:
         self.family_min_shared_tokens = family_min_shared_tokens  # None: FAMILY_MIN_SHARED_TOKENS (window_request_plan)
         self._tag = uuid.uuid4().hex[:8]
 
+    def with_own_pool(self) -> "SGLangClient":
+        """The same servers and settings on a fresh connection pool: a pool is bound to one event loop, so a
+        background thread (async rollouts) needs its own."""
+        clone = copy.copy(self)
+        clone.pool = ServerPool(list(self.urls), max_inflight=self.pool.max_inflight, cooldown_s=self.pool.cooldown_s)
+        return clone
+
     @classmethod
     def from_config(cls, cfg, urls: Sequence[str] | None = None) -> "SGLangClient":
         """Client for a validated `RolloutConfig`; the vocabulary size comes from `<model_path>/config.json`."""

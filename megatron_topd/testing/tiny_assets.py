@@ -1,7 +1,7 @@
 """Tiny random student and teacher (HF + converted Megatron checkpoints) and a prompt file, built offline in seconds.
 
 The integration and Slurm tests exercise the system's mechanics on these (shapes, sync, resume, roles); they need
-real checkpoints, not trained ones. The demo trains its models on a task instead (megatron_topd/tasks/assets.py).
+real checkpoints, not trained ones. The demo trains its models on a task instead (megatron_topd/task_assets.py).
 """
 from __future__ import annotations
 

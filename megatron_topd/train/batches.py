@@ -17,9 +17,27 @@ at those K positions per row only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
+
+from megatron_topd.train.handoffs import GuidanceRows, RolloutRows
+
+
+FP8_TOKEN_MULTIPLE = 16  # Transformer Engine's FP8 GEMMs want every dimension, the tokens included, a multiple of 16
+
+
+def pad_multiple(tensor_parallel: int, *, sequence_parallel: bool, fp8: bool, context_parallel: int = 1) -> int:
+    """What every microbatch's width rounds up to, so each rank's shard of it is valid (the one place that says so).
+
+    - 8 always (aligned shapes);
+    - sequence parallelism splits the width over the TP ranks: a multiple of TP;
+    - context parallelism splits it into 2 x CP chunks (Megatron's load-balanced split): a multiple of 2 x CP;
+    - FP8: each rank's share (width / (TP under SP) / CP) a multiple of 16.
+
+    At examples/topd_70b.yaml (TP8, SP, FP8): 128, so a 16376-token row pads to 16384 (2048 per TP rank), never to
+    16376 (2047 per rank, which TE's FP8 GEMM refuses)."""
+    shards = (tensor_parallel if sequence_parallel else 1) * context_parallel
+    multiple = math.lcm(8, shards * (FP8_TOKEN_MULTIPLE if fp8 else 1))
+    return math.lcm(multiple, 2 * context_parallel) if context_parallel > 1 else multiple
 
 
 def round_up(n: int, multiple: int = 8) -> int:
@@ -49,46 +67,8 @@ def pack_rows(lengths: list[int], max_tokens: int, multiple: int = 8, max_paddin
     return groups
 
 
-@dataclass
-class RolloutRows:
-    """This replica's rollouts, unpadded: ``prompt + response`` token lists and per-token side data."""
-
-    prompts: list[list[int]]
-    responses: list[list[int]]
-    logprobs: list[list[float]] = field(default_factory=list)  # the rollout policy's log-probs of the responses
-    teacher: list[dict] | None = None  # a remote teacher's per-response-token scores (train/teacher.RemoteTeacher)
-    servers: list[str] | None = None  # the student server that generated each row (the probe routes its windows there)
-
-    def __post_init__(self):
-        if any(len(r) == 0 for r in self.responses):
-            raise ValueError("empty response in the rollout batch: every response must hold at least one token")
-        if self.logprobs and len(self.logprobs) != len(self.responses):
-            raise ValueError(f"{len(self.logprobs)} logprob lists for {len(self.responses)} responses")
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def lengths(self) -> list[int]:
-        return [len(p) + len(r) for p, r in zip(self.prompts, self.responses)]
-
-    def padded(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens and token-aligned response mask, [rows, longest] (token ids and bools: no V dimension)."""
-        return self.tokens_and_mask(range(len(self)), max(self.lengths()), pad_id)
-
-    def tokens_and_mask(self, idx, width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``idx`` right-padded to ``width``: token ids and the token-aligned response mask, [len(idx), width]."""
-        idx = list(idx)
-        tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.bool)
-        for j, i in enumerate(idx):
-            p, r = self.prompts[i], self.responses[i]
-            tokens[j, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-            mask[j, len(p) : len(p) + len(r)] = True
-        return tokens, mask
-
-
 def rollout_microbatches(rows: RolloutRows, max_tokens: int, pad_id: int, *, multiple: int = 8,
-                         token_weights: torch.Tensor | None = None, guidance: dict | None = None,
+                         token_weights: torch.Tensor | None = None, guidance: GuidanceRows | None = None,
                          windows: list[list[int]] | None = None) -> list[dict]:
     """Microbatches of rollout rows; ``token_weights`` ([rows, >= longest], token-aligned) defaults to ones.
 
@@ -129,24 +109,24 @@ def rollout_microbatches(rows: RolloutRows, max_tokens: int, pad_id: int, *, mul
     return out
 
 
-def _window_len(guidance: dict, w: int) -> int:
-    return int(guidance["lengths"][w]) - int(guidance["window_start"][w])
+def _window_len(guidance: GuidanceRows, w: int) -> int:
+    return int(guidance.lengths[w]) - int(guidance.window_start[w])
 
 
-def windows_per_row(guidance: dict, rows: RolloutRows, max_tokens: int, multiple: int = 8
+def windows_per_row(guidance: GuidanceRows, rows: RolloutRows, max_tokens: int, multiple: int = 8
                     ) -> tuple[list[list[int]], list[int]]:
     """The shared-prefix layout's plan: per rollout row, the guidance windows appended to it (payload order), and
     the windows left over because their row would outgrow ``max_tokens`` (those train as rows of their own).
 
-    ``guidance["row"][w]`` is the rollout row whose first ``window_start[w]`` tokens are window w's prefix; that is
+    ``guidance.row[w]`` is the rollout row whose first ``window_start[w]`` tokens are window w's prefix; that is
     checked, since a window attending to another row's tokens would train on a wrong context without any error."""
     lengths = rows.lengths()
     per_row: list[list[int]] = [[] for _ in lengths]
     rest: list[int] = []
-    for w in range(guidance["tokens"].shape[0]):
-        i, t = int(guidance["row"][w]), int(guidance["window_start"][w])
+    for w in range(guidance.tokens.shape[0]):
+        i, t = int(guidance.row[w]), int(guidance.window_start[w])
         full = rows.prompts[i] + rows.responses[i]
-        if t > len(full) or guidance["tokens"][w, :t].tolist() != full[:t]:
+        if t > len(full) or guidance.tokens[w, :t].tolist() != full[:t]:
             raise ValueError(f"guidance window {w}: its prefix is not the first {t} tokens of rollout row {i}; the "
                              "probe's payload and the replica's rows disagree")
         grown = lengths[i] + sum(_window_len(guidance, v) for v in per_row[i]) + _window_len(guidance, w)
@@ -154,7 +134,7 @@ def windows_per_row(guidance: dict, rows: RolloutRows, max_tokens: int, multiple
     return per_row, rest
 
 
-def _add_windows(mb: dict, lengths: list[int], windows: list[list[int]], guidance: dict) -> None:
+def _add_windows(mb: dict, lengths: list[int], windows: list[list[int]], guidance: GuidanceRows) -> None:
     """Write each row's windows after its rollout tokens, and their loss positions, weights and attention layout.
 
     Window token i of a window starting at t is predicted by the logits at the rollout's token t - 1 (i = 0) or at
@@ -166,21 +146,21 @@ def _add_windows(mb: dict, lengths: list[int], windows: list[list[int]], guidanc
     visible = torch.zeros(tokens.shape, dtype=torch.long)
     positions = mb["position_ids"].clone()
     index, weights, top_ids, top_lps = [], [], [], []
-    teacher = guidance.get("teacher")
+    teacher = guidance.teacher
     for j, (n, ws) in enumerate(zip(lengths, windows)):
         segment[j, :n] = ROLLOUT
         offset = n
         for local, w in enumerate(ws):
-            t, end = int(guidance["window_start"][w]), int(guidance["lengths"][w])
+            t, end = int(guidance.window_start[w]), int(guidance.lengths[w])
             k = end - t
-            tokens[j, offset : offset + k] = guidance["tokens"][w, t:end]
+            tokens[j, offset : offset + k] = guidance.tokens[w, t:end]
             segment[j, offset : offset + k] = local
             visible[j, offset : offset + k] = t
             positions[j, offset : offset + k] = torch.arange(t, end)
-            pos = torch.nonzero(guidance["logit_weights"][w, :end] > 0).flatten()  # t - 1 + i in the window's row
+            pos = torch.nonzero(guidance.logit_weights[w, :end] > 0).flatten()  # t - 1 + i in the window's row
             i = pos - (t - 1)
             index.append(torch.where(i == 0, t - 1, offset + i - 1) + j * width)
-            weights.append(guidance["logit_weights"][w, pos].float())
+            weights.append(guidance.logit_weights[w, pos].float())
             if teacher is not None:
                 top_ids.append(teacher[w]["topk_ids"][i])
                 top_lps.append(teacher[w]["topk_logprobs"][i])

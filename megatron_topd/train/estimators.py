@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import torch
 
-KL_ESTIMATORS = ("full", "topk", "sampled")
 
 
 class RolloutTerms(NamedTuple):

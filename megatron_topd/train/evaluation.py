@@ -3,40 +3,7 @@ answer checker (megatron_topd/tasks). What a user of a distillation run wants to
 at the task, not only closer to the teacher."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-
-@dataclass
-class EvalConfig:
-    heldout_path: str = ""  # JSONL rows {"prompt" (or "messages"), "answer"}; empty: no evaluation
-    task: str = "addition"  # whose answer checker reads the responses (megatron_topd.tasks.TASKS)
-    interval: int = 0  # evaluate before the first step, every `interval` steps and after the last (0: first + last)
-    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
-    limit: int | None = None  # evaluate the first `limit` rows only
-    teacher: bool = True  # also evaluate the teacher once, before training (the ceiling the table shows)
-
-    def validate(self) -> None:
-        from megatron_topd.tasks import check_task
-
-        check_task(self.task)
-        if not isinstance(self.interval, int) or self.interval < 0:
-            raise ValueError(f"eval.interval={self.interval!r}: use an integer >= 0 (0: before and after training)")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"eval.max_new_tokens={self.max_new_tokens}: use an integer >= 1 or null")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"eval.limit={self.limit}: use an integer >= 1 or null")
-        if self.heldout_path and not Path(self.heldout_path).is_file():
-            raise FileNotFoundError(f"eval.heldout_path={self.heldout_path} does not exist: write the held-out "
-                                    "problems there (JSONL with prompt and answer) or leave it empty")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.heldout_path)
-
-    def due(self, step: int, total_steps: int) -> bool:
-        """Evaluate after step `step` (1-based)?"""
-        return self.enabled and (step == total_steps or (self.interval > 0 and step % self.interval == 0))
+from megatron_topd.train.config import EvalConfig
 
 
 class HeldOutEval:

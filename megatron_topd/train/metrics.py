@@ -118,3 +118,68 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def step_metrics(result, stats, batch, probe, timings: dict, step_s: float) -> dict:
+    """Everything a step logs (the same on every rank): objective, per-token statistics, rollout shape, speed.
+
+    ``result`` the training pass's `StepResult`, ``stats`` its `PassStats`, ``batch`` the `StepBatch`, ``probe`` the
+    `ProbeOutcome` (train/handoffs.py)."""
+    from dataclasses import asdict
+
+    s = result.metrics
+    tokens = max(s.get("tokens", 0.0), 1.0)
+    lengths = [len(r) for r in batch.response_ids]
+    versions = batch.weight_versions
+    return {
+        "loss": result.loss, "opd_loss": s["opd_loss"], "traj_loss": s["traj_loss"], "grad_norm": result.grad_norm,
+        "lr": result.lr, "skipped": float(result.skipped),
+        "mean_token_kl": s["kl_sum"] / tokens, "student_entropy": s["entropy_sum"] / tokens,
+        "logprob_diff_mean": s["logprob_diff_sum"] / max(s["logprob_diff_count"], 1.0),
+        "logprob_diff_max": s["logprob_diff_max"],
+        "response_len_mean": sum(lengths) / len(lengths), "response_len_max": float(max(lengths)),
+        "truncation_rate": sum(f == "length" for f in batch.finish_reasons) / len(lengths),
+        **asdict(stats), **probe_metrics(probe), **timings, "step_s": step_s,
+        "train_tokens_per_s": stats.train_tokens / max(timings["train_s"], 1e-9),
+        "response_tokens_per_s": stats.response_tokens / max(step_s, 1e-9),
+        "peak_mem_gb": peak_memory_gb(),
+        "rollout_weight_version": max((float(v) for v in versions if v.isdigit()), default=-1.0),
+        "rollout_staleness": batch.staleness,
+    }
+
+
+def probe_metrics(p) -> dict:
+    """The paper's diagnostics of a `ProbeOutcome`, summed over data-parallel replicas, and the OT distances'
+    quantiles and the mean OT of the suppressed / kept candidates over the whole batch (for calibrating
+    topd.threshold; 0.0 without a probe). A collective over the data-parallel group."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_topd import parallel
+    from megatron_topd.topd.weights import OT_STAT_KEYS
+
+    t = torch.tensor([p.n_candidates, p.n_divergent, p.ot_sum], dtype=torch.float64, device=parallel.device())
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    n, div, ot_sum = t.cpu().tolist()
+    stats = p.ot_stats or {}
+    return {"candidates": n, "divergent": div, "low_divergence_share": (n - div) / n if n else 0.0,
+            "mean_ot_distance": ot_sum / n if n else 0.0, **{k: float(stats.get(k, 0.0)) for k in OT_STAT_KEYS}}
+
+
+def peak_memory_gb() -> float:
+    """The largest peak over all ranks: allocated CUDA memory on GPUs, the process's peak RSS on CPU."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_topd import parallel
+
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    t = torch.tensor([peak], dtype=torch.float64, device=parallel.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

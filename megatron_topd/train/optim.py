@@ -1,41 +1,9 @@
 """Student wrapping for training: Megatron DDP + DistributedOptimizer (+ LR schedule), all from Megatron-Core."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass
-class OptimConfig:
-    optimizer: str = "adam"  # adam | sgd (plain gradient descent without momentum: the update is -lr * grad)
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    lr_decay_style: str = "constant"  # constant | linear | cosine
-    lr_decay_steps: int | None = None  # None: the run's total steps
-    use_distributed_optimizer: bool = True
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optim.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        if self.optimizer == "sgd" and self.use_distributed_optimizer:
-            raise ValueError("optim.optimizer=sgd needs optim.use_distributed_optimizer=false (Megatron's distributed "
-                             "optimizer shards Adam state only)")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"optim.lr_decay_style={self.lr_decay_style!r}: use constant, linear or cosine")
-        if self.clip_grad < 0:
-            raise ValueError(f"optim.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
+from megatron_topd.train.config import OptimConfig
 
 
 def wrap_ddp(model, *, use_distributed_optimizer: bool = True, bucket_size: int | None = None):

@@ -6,18 +6,32 @@ shards of a group of G microbatches are consumed by the student's forward over t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
 from megatron_topd.train.step import run_schedule
 from megatron_topd.train.teacher import TeacherSignal, groups_of
 
-SCORES = ("token_loss", "student_logprobs", "teacher_logprobs", "entropy")
+
+
+@dataclass
+class RolloutScores:
+    """Token-aligned [rows, width] float32 scalars of a replica's rollouts (0 at prompt and padding positions)."""
+
+    token_loss: torch.Tensor  # l_t: the per-token KL estimate the probe ranks candidates by
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    entropy: torch.Tensor  # the student's
+
+
+SCORES = tuple(f.name for f in fields(RolloutScores))
 
 
 def score_rollouts(student_chunks, teacher: TeacherSignal, batches: list[dict], *, rows: int, width: int,
-                   group_size: int, vocab_size: int, chunk_size) -> dict[str, torch.Tensor] | None:
-    """Token-aligned [rows, width] scalars per name in SCORES (0 at prompt and padding positions) on the last stage;
-    None on other stages. Row order follows each microbatch's ``row_index``."""
+                   group_size: int, vocab_size: int, chunk_size) -> RolloutScores | None:
+    """The rollouts' `RolloutScores` on the last stage; None on other stages. Row order follows each microbatch's
+    ``row_index``."""
     from megatron_topd import parallel
     from megatron_topd.train.estimators import rollout_terms
 
@@ -48,4 +62,4 @@ def score_rollouts(student_chunks, teacher: TeacherSignal, batches: list[dict], 
     finally:
         for chunk in student_chunks:
             chunk.train()
-    return out if seen else None
+    return RolloutScores(**out) if seen else None

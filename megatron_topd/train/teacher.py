@@ -116,9 +116,7 @@ class RemoteTeacher:
 
     def with_own_client(self) -> "RemoteTeacher":
         """The same teacher on a fresh connection pool (for a background thread's event loop)."""
-        from megatron_topd.rollout.async_rollouts import _own_client
-
-        return RemoteTeacher(_own_client(self.client), kl=self.kl, top_k=self.top_k)
+        return RemoteTeacher(self.client.with_own_pool(), kl=self.kl, top_k=self.top_k)
 
     def score_rollouts(self, prompts, responses) -> list[dict]:
         return self.score_rows(prompts, responses, top_k=self.rollout_top_k)

@@ -139,7 +139,9 @@ def parallel_step(root: str, tp: int, pp: int, out_root: str, **knobs) -> dict:
     from megatron_topd.models import build_gpt_model
     from megatron_topd.train.batches import guidance_microbatches, rollout_microbatches, windows_per_row
     from megatron_topd.train.distill_step import distill_step
-    from megatron_topd.train.loop import StepBatch, replica_rows
+    from megatron_topd.rollout.step_batch import StepBatch
+    from megatron_topd.train.handoffs import GuidanceRows
+    from megatron_topd.train.loop import replica_rows
     from megatron_topd.train.objective import ObjectiveScales
     from megatron_topd.train.optim import OptimConfig, build_optimizer, wrap_ddp
     from megatron_topd.train.teacher import ColocatedTeacher
@@ -163,15 +165,15 @@ def parallel_step(root: str, tp: int, pp: int, out_root: str, **knobs) -> dict:
         windows = 0
         if variant == "topd_shared_prefix":  # as the loop does it: each replica carries its own rows' windows
             here = [w for w in range(3) if d["g_row"][w] in mine]
-            guidance = {"tokens": d["g_tokens"][here], "lengths": d["g_lengths"][here],
-                        "window_start": d["g_start"][here], "logit_weights": d["g_weights"][here],
-                        "row": torch.tensor([mine.index(d["g_row"][w]) for w in here], dtype=torch.long)}
+            guidance = GuidanceRows(tokens=d["g_tokens"][here], lengths=d["g_lengths"][here],
+                                    window_start=d["g_start"][here], logit_weights=d["g_weights"][here],
+                                    row=torch.tensor([mine.index(d["g_row"][w]) for w in here], dtype=torch.long))
             per_row, rest = windows_per_row(guidance, rows, BUDGET)
             assert rest == ([here.index(2)] if 2 in here else []), "the long window goes as a row of its own"
             batches = rollout_microbatches(rows, BUDGET, 0, token_weights=d["token_weights"][mine],
                                            guidance=guidance, windows=per_row)
-            batches += guidance_microbatches(guidance["tokens"][rest], guidance["lengths"][rest],
-                                             guidance["logit_weights"][rest], BUDGET, 0) if rest else []
+            batches += guidance_microbatches(guidance.tokens[rest], guidance.lengths[rest],
+                                             guidance.logit_weights[rest], BUDGET, 0) if rest else []
             windows = len(here)
         else:
             batches = rollout_microbatches(rows, BUDGET, 0, token_weights=d["token_weights"][mine])

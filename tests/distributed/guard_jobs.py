@@ -15,7 +15,8 @@ def nan_in_one_rank(root: str, policy: str, out_root: str) -> dict:
     from megatron_topd import parallel
     from megatron_topd.checkpointing import load_model_weights, save_checkpoint, unwrap
     from megatron_topd.models import build_gpt_model
-    from megatron_topd.train.batches import RolloutRows, rollout_microbatches
+    from megatron_topd.train.batches import rollout_microbatches
+    from megatron_topd.train.handoffs import RolloutRows
     from megatron_topd.train.distill_step import distill_step
     from megatron_topd.train.guard import NonFiniteError
     from megatron_topd.train.objective import ObjectiveScales

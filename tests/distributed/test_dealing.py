@@ -23,7 +23,8 @@ def _on_rank(tp: int, pp: int):
     import torch.distributed as dist
 
     from megatron_topd.parallel import initialize
-    from megatron_topd.train.loop import StepBatch, replica_rows
+    from megatron_topd.rollout.step_batch import StepBatch
+    from megatron_topd.train.loop import replica_rows
 
     layout = initialize(tensor_parallel=tp, pipeline_parallel=pp)
     rank0 = dist.get_rank() == 0

@@ -51,6 +51,6 @@ def test_sft_assets_learn_export_and_are_cached(task_assets):
         assert (out / name / "model_spec.yaml").is_file() and (out / name / "latest_step.txt").read_text() == "0"
     # Same recipe: nothing is rebuilt.
     stamp = (out / "teacher_hf" / "model.safetensors").stat().st_mtime_ns
-    subprocess.run([sys.executable, "-m", "megatron_topd.tasks.assets", "--out", str(out), *TASK_ASSET_ARGS],
+    subprocess.run([sys.executable, "-m", "megatron_topd.task_assets", "--out", str(out), *TASK_ASSET_ARGS],
                    cwd=REPO, check=True, capture_output=True)
     assert (out / "teacher_hf" / "model.safetensors").stat().st_mtime_ns == stamp

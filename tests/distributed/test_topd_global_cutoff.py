@@ -1,7 +1,7 @@
 """The suppression cut-off over the whole batch at DP=2 (gloo): run_probe all-gathers each replica's candidate
 distances (different counts per replica), decides once on the global vector and keeps its slice - equal to the
 single-process decision on the concatenated distances, for every `topd.suppress` rule and threshold mode; the
-probe's calibration metrics (`_probe_metrics`) are identical on both ranks."""
+probe's calibration metrics (`train.metrics.probe_metrics`) are identical on both ranks."""
 import torch
 
 from megatron_topd.parallel.spawn import run_on_ranks
@@ -47,7 +47,8 @@ def _on_rank():
 
     from megatron_topd.parallel import initialize
     from megatron_topd.topd import gather_distances, run_probe
-    from megatron_topd.train.loop import _probe_metrics, _probe_payload
+    from megatron_topd.train.handoffs import ProbeOutcome
+    from megatron_topd.train.metrics import probe_metrics
 
     layout = initialize(tensor_parallel=1)
     dp = ps.get_data_parallel_group()
@@ -59,7 +60,7 @@ def _on_rank():
                       embed=lambda ids: torch.eye(8)[ids], pad_id=0, seed=SEED, dp_group=dp)
         out[name] = dict(candidates=r.candidates, ot=r.ot_distances, divergent=r.divergent,
                          weights=r.candidate_weights, windows=r.guidance.num_windows, stats=r.ot_stats,
-                         metrics=_probe_metrics(_probe_payload(r)))
+                         metrics=probe_metrics(ProbeOutcome.from_probe(r)))
     # variable counts, one replica empty
     local = torch.tensor([0.5, 0.25]) if layout.dp_rank == 0 else torch.zeros(0)
     out["gather_empty"] = gather_distances(local, dp)

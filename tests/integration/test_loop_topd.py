@@ -58,16 +58,17 @@ def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets):
 
 def run_remote_training(config_overrides: list[str]) -> dict:
     """One training run; counts the Megatron models the trainer builds (the real builder runs)."""
-    import megatron_topd.train.loop as loop
+    import megatron_topd.train.setup as setup
     from megatron_topd.config import load_config
+    from megatron_topd.train.loop import train
 
     built = []
-    real_build = loop.build_gpt_model
-    loop.build_gpt_model = lambda spec, **kw: built.append(spec) or real_build(spec, **kw)
+    real_build = setup.build_gpt_model
+    setup.build_gpt_model = lambda spec, **kw: built.append(spec) or real_build(spec, **kw)
     try:
-        history = loop.train(load_config(REPO / "examples" / "cpu_demo.yaml", config_overrides))
+        history = train(load_config(REPO / "examples" / "cpu_demo.yaml", config_overrides))
     finally:
-        loop.build_gpt_model = real_build
+        setup.build_gpt_model = real_build
     return {"history": history, "models_built": len(built)}
 
 
@@ -83,8 +84,8 @@ def test_topd_step_with_a_remote_teacher_builds_no_teacher_model(tmp_path, kl, d
     (row,) = ranks[0]["history"]
     assert row["response_tokens"] > 0 and row["grad_norm"] > 0 and row["skipped"] == 0.0
     assert row["candidates"] > 0 and row["guidance_windows"] == row["divergent"]
-    if row["divergent"] > 0:
-        assert row["traj_loss"] > 0  # L_traj from the teacher server's top-k along its windows
+    # topd.quantile suppresses 30% of the candidates, so most stay divergent: guidance windows exist to check
+    assert row["divergent"] > 0 and row["traj_loss"] > 0  # L_traj from the teacher server's top-k along its windows
     if kl == "topk":
         assert row["mean_token_kl"] > 0  # a lower bound of the KL, positive for different models
     assert abs(row["loss"] - (row["opd_loss"] + row["traj_loss"])) < 1e-5 * max(1.0, abs(row["loss"]))

@@ -10,7 +10,8 @@ import torch
 
 from megatron_topd.losses import vocab_parallel_kl, vocab_parallel_log_probs
 from megatron_topd.testing.tiny_hf import build_tiny_model, load_hf_model
-from megatron_topd.train.batches import RolloutRows, rollout_microbatches
+from megatron_topd.train.batches import rollout_microbatches
+from megatron_topd.train.handoffs import RolloutRows
 from megatron_topd.train.estimators import rollout_terms
 from megatron_topd.train.teacher import RemoteTeacher
 

@@ -27,7 +27,8 @@ def _previous_generate_rollouts(cfg, step, dataset, client, out, vocab, rank0):
     """The body of loop.generate_rollouts before issue 14 (commit 1a593b6), verbatim."""
     from megatron_topd.rollout import SamplingParams
     from megatron_topd.rollout.records import records_from_generations, write_records
-    from megatron_topd.train.loop import StepBatch, _broadcast
+    from megatron_topd.parallel import broadcast_object
+    from megatron_topd.rollout.step_batch import StepBatch
 
     payload = None
     if rank0:
@@ -44,7 +45,7 @@ def _previous_generate_rollouts(cfg, step, dataset, client, out, vocab, rank0):
         payload = StepBatch([r.prompt_ids for r in records], [r.response_ids for r in records],
                             [r.response_logprobs for r in records], [r.finish_reason for r in records],
                             [r.weight_version for r in records], dataset.state_dict())
-    return _broadcast(payload)
+    return broadcast_object(payload)
 
 
 def _three_ways(url, model_dir, prompts, out):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_topd.train.evaluation import EvalConfig
+from megatron_topd.train.config import EvalConfig
 from megatron_topd.train.sft import SftExamples
 
 

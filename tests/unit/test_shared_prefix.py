@@ -3,13 +3,16 @@ the context (tokens at their positions) that it sees in the window's own row, wi
 remote-teacher scores; RoPE follows per-token positions; windows that outgrow the budget stay rows of their own.
 The model-level equality (values and gradients against float64, TP/PP/DP) is in
 tests/distributed/test_distill_step.py."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from megatron_topd.config import TrainConfig
 from megatron_topd.models.shared_prefix import attention_mask, enable_token_positions, token_positions
 from megatron_topd.topd.windows import build_guidance, build_requests
-from megatron_topd.train.batches import RolloutRows, guidance_microbatches, rollout_microbatches, windows_per_row
+from megatron_topd.train.batches import guidance_microbatches, rollout_microbatches, windows_per_row
+from megatron_topd.train.handoffs import GuidanceRows, RolloutRows
 
 K_TOP = 3
 
@@ -34,17 +37,17 @@ def _payload(seed: int = 0):
     teacher = [{"topk_ids": torch.tensor([[1000 * w + i] * K_TOP for i in range(int(gb.window_len[w]))],
                                          dtype=torch.int32),
                 "topk_logprobs": torch.full((int(gb.window_len[w]), K_TOP), -float(w))} for w in range(gb.num_windows)]
-    payload = {"tokens": gb.tokens, "lengths": gb.lengths, "window_start": gb.window_start,
-               "logit_weights": gb.logit_weights, "teacher": teacher,
-               "row": torch.tensor([requests.owners[c][0] for c in gb.candidate.tolist()])}
+    payload = GuidanceRows(tokens=gb.tokens, lengths=gb.lengths, window_start=gb.window_start,
+                           logit_weights=gb.logit_weights, teacher=teacher,
+                           row=torch.tensor([requests.owners[c][0] for c in gb.candidate.tolist()]))
     return rows, payload
 
 
 def _contexts_rows_layout(payload, budget):
     """(context, weight, top-k id) per guidance loss position, windows as rows of their own."""
     out = []
-    for mb in guidance_microbatches(payload["tokens"], payload["lengths"], payload["logit_weights"], budget, 0,
-                                    teacher=payload["teacher"], window_start=payload["window_start"]):
+    for mb in guidance_microbatches(payload.tokens, payload.lengths, payload.logit_weights, budget, 0,
+                                    teacher=payload.teacher, window_start=payload.window_start):
         width = mb["tokens"].shape[1]
         for n, flat in enumerate(mb["loss_index"].tolist()):
             j, c = divmod(flat, width)
@@ -74,12 +77,12 @@ def test_every_guidance_position_sees_its_own_rows_context_weight_and_scores():
     rows, payload = _payload()
     budget = 512
     per_row, rest = windows_per_row(payload, rows, budget)
-    assert rest == [] and sum(map(len, per_row)) == payload["tokens"].shape[0] > 10
+    assert rest == [] and sum(map(len, per_row)) == payload.tokens.shape[0] > 10
     assert max(map(len, per_row)) >= 4  # several windows share a row
     batches = rollout_microbatches(rows, budget, 0, guidance=payload, windows=per_row)
     want = _contexts_rows_layout(payload, budget)
     assert _contexts_shared_prefix(batches) == want
-    assert sum(float(mb.get("num_windows", 0)) for mb in batches) == payload["tokens"].shape[0]
+    assert sum(float(mb.get("num_windows", 0)) for mb in batches) == payload.tokens.shape[0]
     # the rollout part is untouched: the response mask and token ids of the rollouts read as before
     plain = {int(i): mb for mb in rollout_microbatches(rows, budget, 0) for i in mb["row_index"]}
     for mb in batches:
@@ -97,10 +100,10 @@ def test_windows_that_outgrow_the_budget_stay_rows_and_a_wrong_prefix_is_refused
     per_row, rest = windows_per_row(payload, rows, budget)
     assert rest, "some windows must be left over at this budget"
     for i, ws in enumerate(per_row):
-        grown = lengths[i] + sum(int(payload["lengths"][w] - payload["window_start"][w]) for w in ws)
+        grown = lengths[i] + sum(int(payload.lengths[w] - payload.window_start[w]) for w in ws)
         assert -(-grown // 8) * 8 <= budget
-    assert sorted(rest + [w for ws in per_row for w in ws]) == list(range(payload["tokens"].shape[0]))
-    bad = dict(payload, row=(payload["row"] + 1) % len(rows))
+    assert sorted(rest + [w for ws in per_row for w in ws]) == list(range(payload.tokens.shape[0]))
+    bad = replace(payload, row=(payload.row + 1) % len(rows))
     with pytest.raises(ValueError, match="its prefix is not the first .* tokens of rollout row"):
         windows_per_row(bad, rows, 512)
 
@@ -129,7 +132,7 @@ def test_rope_follows_per_token_positions_and_is_unchanged_without_them():
 
 def test_guidance_layout_is_validated_and_resolves_to_shared_prefix_without_transformer_engine():
     from megatron_topd.config import Config
-    from megatron_topd.train.loop import guidance_layout
+    from megatron_topd.train.setup import guidance_layout
 
     with pytest.raises(ValueError, match="train.guidance_layout='packed': use one of auto, shared_prefix, rows"):
         TrainConfig(guidance_layout="packed").validate()
