@@ -6,6 +6,8 @@ after a weight-sync test changed them. Without .venv-sglang these tests FAIL (ne
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import time
@@ -35,31 +37,78 @@ def sglang_python() -> str:
 
 
 class ServerLog:
-    """What a server logged from now on: its POST /generate lines and the scheduler's prefill token counts."""
+    """What a server logged from now on: its POST /generate lines and the scheduler's prefill token counts.
+
+    Every read waits for what it needs (a number of access-log lines, a number of prompt tokens in the prefill lines)
+    with a deadline and fails naming what it waited for: the access log lags the responses, and SGLang writes a prefill
+    batch's line after the batch's outputs went out."""
 
     POST = '"POST /generate HTTP/1.1" 200'
 
-    def __init__(self, server: SGLangServer):
-        self.server, self.at = server, server.log_path.stat().st_size
+    def __init__(self, server: SGLangServer, timeout_s: float = 120.0):
+        self.server, self.at, self.timeout_s = server, server.log_path.stat().st_size, timeout_s
 
     def text(self, want_posts: int = 0) -> str:
-        """The log since construction, once it holds ``want_posts`` POST lines (the access log lags; 10 s at most)."""
-        deadline = time.monotonic() + 10
-        while self._read().count(self.POST) < want_posts and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.3)  # the scheduler's lines of the last batch
-        return self._read()
+        """The log since construction, once it holds ``want_posts`` POST /generate lines."""
+        return self._wait(lambda log: log.count(self.POST) >= want_posts, f"{want_posts} POST /generate lines",
+                          lambda log: f"{log.count(self.POST)} POST lines")
 
-    def prefill_tokens(self, want_posts: int = 0) -> tuple[int, int]:
-        """(tokens prefilled, tokens found in the radix cache) over the prefill batches logged since construction."""
-        log = self.text(want_posts)
+    def prefill_tokens(self, want_tokens: int) -> tuple[int, int]:
+        """(tokens prefilled, tokens found in the radix cache) over the prefill batches logged since construction,
+        once their sum reaches ``want_tokens`` (the prompt tokens the test sent this server: each is either
+        prefilled or found in the cache)."""
+        log = self._wait(lambda log: sum(self._prefill(log)) >= want_tokens,
+                         f"prefill lines covering {want_tokens} prompt tokens",
+                         lambda log: "(new, cached) = %s" % (self._prefill(log),))
+        return self._prefill(log)
+
+    @staticmethod
+    def _prefill(log: str) -> tuple[int, int]:
         return (sum(map(int, re.findall(r"#new-token: (\d+)", log))),
                 sum(map(int, re.findall(r"#cached-token: (\d+)", log))))
+
+    def _wait(self, done, what: str, state) -> str:
+        deadline = time.monotonic() + self.timeout_s
+        while not done(log := self._read()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.server.log_path}: no {what} after {self.timeout_s:.0f} s; it holds "
+                                     f"{state(log)}. Log since the test began (last 3000 chars):\n{log[-3000:]}")
+            time.sleep(0.05)  # polling interval of a wait on the log's content (deadline above)
+        return log
 
     def _read(self) -> str:
         with open(self.server.log_path, "rb") as f:
             f.seek(self.at)
             return f.read().decode(errors="replace")
+
+
+def server_load(url: str) -> dict:
+    """The server's load as its scheduler last published it (SGLang's GET /v1/loads; one DP rank here): among
+    others ``num_running_reqs`` (in the running batch) and ``num_waiting_reqs`` (queued)."""
+    with urllib.request.urlopen(f"{url}/v1/loads?include=core", timeout=30) as response:
+        (load,) = json.load(response)["loads"]
+    return load
+
+
+async def await_load(url: str, what: str, ok, *, timeout_s: float = 120.0, give_up=None) -> dict:
+    """Poll ``url``'s load until ``ok(load)``; return that load. Fails naming ``what`` and the (running, waiting)
+    counts seen, when the deadline passes or when ``give_up()`` returns a reason (e.g. the requests it waits for
+    already finished). Runs the HTTP call in a thread, so the caller's event loop keeps serving its requests."""
+    deadline = time.monotonic() + timeout_s
+    seen: list[tuple[int, int]] = []
+    while True:
+        load = await asyncio.to_thread(server_load, url)
+        counts = (load["num_running_reqs"], load["num_waiting_reqs"])
+        if not seen or seen[-1] != counts:
+            seen.append(counts)
+        if ok(load):
+            return load
+        reason = give_up() if give_up is not None else None
+        if reason is None and time.monotonic() > deadline:
+            reason = f"not within {timeout_s:.0f} s"
+        if reason is not None:
+            raise AssertionError(f"waited for {what} on {url}: {reason}; (running, waiting) requests seen: {seen}")
+        await asyncio.sleep(0.02)  # polling interval of a wait on the server's reported load (deadline above)
 
 
 def flush_cache(server: SGLangServer) -> None:

@@ -27,7 +27,9 @@ def test_windows_go_to_the_server_that_generated_their_row(rollout_target, spare
         logs = [ServerLog(s) for s in servers]
         out = client.continue_prefixes(prefixes, max_new_tokens=4, n=1, temperature=0.0, top_p=1.0, seed=None,
                                        servers=route)
-        new, cached = (sum(x) for x in zip(*(log.prefill_tokens() for log in logs)))
+        # each server prefilled (or found cached) the prompt tokens of the prefixes routed to it
+        wants = [sum(len(p) for p, url in zip(prefixes, route) if url == s.url) for s in servers]
+        new, cached = (sum(x) for x in zip(*(log.prefill_tokens(want) for log, want in zip(logs, wants))))
         return out, new, cached
 
     _, new, cached = windows(hints)
