@@ -10,7 +10,7 @@ from megatron_topd.config import Config
 from megatron_topd.rollout import SamplingParams, SGLangClient
 from megatron_topd.rollout.client import ROLLOUT_PRIORITY, WINDOW_PRIORITY
 from megatron_topd.rollout.config import student_server_flags, windows_ahead
-from tests.integration.conftest import start_server
+from tests.integration.conftest import await_load, start_server
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -18,8 +18,9 @@ ROLLOUTS = [[(13 * i + j) % 990 + 5 for j in range(8)] for i in range(8)]
 
 
 async def _rollouts_done_while_window_waits(url: str, window_priority: int) -> tuple[int, int]:
-    """Eight rollouts queue on a server that runs two requests at a time; then one window request arrives. Returns
-    (rollouts finished when it was sent, rollouts finished while it was out)."""
+    """Eight rollouts queue on a server that runs two requests at a time; once the server reports all eight in its
+    scheduler (two running, six waiting), one window request arrives. Returns (rollouts finished when it was sent,
+    rollouts finished while it was out)."""
     client = SGLangClient([url], vocab_size=1000, context_length=512, window_priority=window_priority)
     finished: list[int] = []
 
@@ -29,7 +30,11 @@ async def _rollouts_done_while_window_waits(url: str, window_priority: int) -> t
     rollouts = asyncio.ensure_future(client.agenerate(
         ROLLOUTS, SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True), on_prompt_done=rollout_done,
         priority=ROLLOUT_PRIORITY))
-    await asyncio.sleep(0.3)  # all eight queued, two running
+    await await_load(
+        url, "all eight rollouts in the scheduler (2 running, 6 waiting)",
+        lambda load: (load["num_running_reqs"], load["num_waiting_reqs"]) == (2, 6),
+        give_up=lambda: (f"rollouts {finished} finished first" if finished
+                         else rollouts.exception() if rollouts.done() else None))
     at_send = len(finished)
     await client.acontinue_prefixes([[5, 6, 7, 8]], max_new_tokens=4, n=1, temperature=0.0, top_p=1.0, seed=None)
     while_out = len(finished) - at_send
