@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from megatron_topd.rollout import RequestFailed, SamplingParams, ServerStartError, SGLangClient, SGLangServer
 from megatron_topd.testing.tiny_hf import hf_greedy
 
-from .conftest import sglang_python
+from .conftest import await_load, sglang_python
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -28,8 +30,10 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
 
         async def run():
             task = asyncio.ensure_future(client.agenerate(prompts, params))
-            while victim_slot.inflight == 0:  # wait until the victim holds part of the batch
-                await asyncio.sleep(0.01)
+            # killed mid-generation: once the victim reports requests of the batch in its running batch
+            await await_load(victim.url, "requests of the batch decoding on the victim",
+                             lambda load: load["num_running_reqs"] > 0 and victim_slot.inflight > 0,
+                             give_up=lambda: "the batch finished first" if task.done() else None)
             victim.kill()
             return await task
 
@@ -49,17 +53,34 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
 
 
 def test_server_that_exits_during_startup_reports_its_log_tail(tmp_path):
+    """The exit is reported as soon as it happens (the health loop polls every 0.5 s), not after the start-up
+    timeout: the process's exit is observed on its own (waitid, without reaping it) and the error must follow
+    within a few seconds."""
     empty_model = tmp_path / "not_a_model"
     empty_model.mkdir()
     server = SGLangServer(empty_model, python=sglang_python(), log_dir=tmp_path / "logs", startup_timeout_s=600)
-    t0 = time.monotonic()
+    server.start()
+    exited_at: list[float] = []
+
+    def watch(pid: int) -> None:
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # blocks until it exits; leaves it to Popen to reap
+        except ChildProcessError:  # already reaped by the health loop, which saw the exit
+            pass
+        exited_at.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch, args=(server.proc.pid,), daemon=True)
+    watcher.start()
     with pytest.raises(ServerStartError) as err:
         with server:
             pass
+    raised_at = time.monotonic()
+    watcher.join(timeout=60)
     msg = str(err.value)
     assert "exited with code" in msg and "--- log tail ---" in msg
     assert str(empty_model) in msg or "config.json" in msg  # SGLang's own complaint, quoted from its log
-    assert not server.is_running() and time.monotonic() - t0 < 600
+    assert not server.is_running() and exited_at, "the watcher never saw the server's process exit"
+    assert raised_at - exited_at[0] < 5.0, f"the exit was reported {raised_at - exited_at[0]:.1f} s after it happened"
 
 
 def test_server_whose_picked_port_was_taken_meanwhile_restarts_on_a_fresh_one(tiny_model_dir, tmp_path):
