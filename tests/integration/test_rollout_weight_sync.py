@@ -47,7 +47,7 @@ def wait_until_decoding(url: str, timeout_s: float = 60.0) -> None:
             loads = json.load(response)["loads"]
         if sum(load.get("num_running_reqs", 0) for load in loads) > 0:
             return
-        time.sleep(0.02)
+        time.sleep(0.02)  # polling interval of a wait on the server's reported load (deadline above)
     raise AssertionError(f"no request started decoding on {url} within {timeout_s} s")
 
 
