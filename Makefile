@@ -42,7 +42,7 @@ setup-slurm:
 	bash scripts/setup_slurm.sh
 
 test: setup setup-sglang setup-nemorun setup-slurm
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-slurm: setup setup-sglang setup-nemorun setup-slurm
 	$(PY) -m pytest -q tests/slurm
