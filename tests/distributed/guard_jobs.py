@@ -1,8 +1,6 @@
 """Rank functions for the non-finite guard and the padded-vocabulary cross entropy (issue 9)."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from tests.distributed.distill_jobs import SPEC, data
@@ -38,7 +36,6 @@ def nan_in_one_rank(root: str, policy: str, out_root: str) -> dict:
         param.register_hook(lambda g: torch.full_like(g, float("nan")))
     scales = ObjectiveScales(dp_size=1, global_tokens=sum(len(r) for r in d["responses"]), global_windows=0,
                              lambda_traj=0.0, variant="opd")
-    t0 = time.perf_counter()
     out = {"rank": dist.get_rank()}
     try:
         result = distill_step(student, optimizer, scheduler, ColocatedTeacher([teacher_model]), batches, scales,
@@ -47,7 +44,6 @@ def nan_in_one_rank(root: str, policy: str, out_root: str) -> dict:
         out["lr_steps"] = scheduler.num_steps
     except NonFiniteError as exc:
         out["error"] = str(exc)
-    out["seconds"] = time.perf_counter() - t0
     after = {k: v.detach() for k, v in unwrap(student[0]).named_parameters()}
     out["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
     out["finite"] = all(bool(torch.isfinite(v).all()) for v in after.values())
