@@ -5,7 +5,8 @@
 (B) backward of a layer: every saved activation + what recompute rebuilds for that layer + the attention backward's
     transient gradients (unfused attention: two heads x S^2 tensors).
 Other stages also keep each in-flight microbatch's output tensor for its backward (the pipeline's send buffer).
-The test (tests/distributed/test_plan_activations.py) checks (A)/(B) against allocator traces on CPU within 20%.
+The test (tests/distributed/test_plan_activations.py) checks (A)/(B) against allocator traces on CPU, within the
+errors measured per sequence length (at most 4% for S <= 256, 13% for S = 512) plus two points.
 """
 from __future__ import annotations
 
