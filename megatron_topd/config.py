@@ -52,6 +52,9 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_parallel < 2:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_parallel >= 2 (it shards "
                              "activations over the tensor-parallel ranks); set it false at TP=1")
+        if self.context_parallel > 1:  # on any machine: the planner never proposes it (plan/search.py)
+            raise ValueError(f"parallel.context_parallel={self.context_parallel}: the distillation loss does not yet "
+                             "slice its per-token inputs by context-parallel rank; use sequence_parallel + recompute")
         if not self.timeout_minutes > 0:
             raise ValueError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0; it should exceed the "
                              "longest generation phase, since ranks wait in a collective meanwhile")
@@ -66,9 +69,6 @@ class ParallelConfig:
         if self.context_parallel > 1 and not use_transformer_engine():
             raise ValueError(f"parallel.context_parallel={self.context_parallel} needs Transformer Engine attention "
                              "on a GPU (Megatron's local attention has no context parallelism); set it to 1 here")
-        if self.context_parallel > 1:
-            raise ValueError(f"parallel.context_parallel={self.context_parallel}: the distillation loss does not yet "
-                             "slice its per-token inputs by context-parallel rank; use sequence_parallel + recompute")
 
     def model_overrides(self) -> dict:
         """The TransformerConfig fields these knobs set (passed to `build_gpt_model`)."""
@@ -209,7 +209,9 @@ class Config:
                              f"{self.train.max_seq_length}: raise max_seq_length or lower max_new_tokens")
         for spec in (self.student, self.teacher_spec):
             if spec is not None:
-                spec.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel)
+                spec.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel,
+                              first_stage_layers=self.parallel.first_stage_layers,
+                              last_stage_layers=self.parallel.last_stage_layers)
         if self.student and self.teacher_spec and self.student.vocab_size != self.teacher_spec.vocab_size:
             raise ValueError(
                 f"student.vocab_size={self.student.vocab_size} != teacher_spec.vocab_size="

@@ -38,6 +38,8 @@ class Layout:
             "train.max_tokens_per_microbatch": self.max_tokens_per_microbatch,
             "train.teacher_group_microbatches": self.teacher_group_microbatches,
             "teacher.placement": self.placement,
+            # a remote teacher has no full logits to give: top-k (the trainer refuses kl=full with it)
+            **({"teacher.kl": "topk"} if self.placement == "remote" else {}),
         }
 
     def short(self) -> str:

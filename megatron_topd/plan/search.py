@@ -3,12 +3,17 @@
 Node split first: the student's SGLang rollout servers need enough nodes to hold every rollout's KV cache at once,
 the teacher's SGLang servers (near-future windows; remote scoring) enough for their share; the trainer gets the
 rest (or, without --nodes, the fewest nodes on which some layout fits). Then over the trainer's GPUs: TP (within a
-node), PP (even, or a lighter first/last stage), CP, SP, recompute, the microbatch token budget, the teacher group G
+node), PP (even, or a lighter first/last stage), SP, recompute, the microbatch token budget, the teacher group G
 and the teacher's placement. Among layouts that fit with the margin: a co-located teacher first (exact full-vocab
-KL), then the lowest `speed.step_seconds`, then the most headroom.
+KL), then the lowest `speed.step_seconds` (which charges each schedule's pipeline bubble, so a larger G wins where
+it fits), then the most headroom.
+
+Only layouts the trainer accepts are searched (tests/unit/test_plan_search.py runs every one through the config's
+validation): no context parallelism, since the distillation loss does not slice its per-token inputs by CP rank.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from megatron_topd.models.spec import ModelSpec
@@ -16,6 +21,27 @@ from megatron_topd.plan.layout import Layout
 from megatron_topd.plan.predict import Plan, predict_layout
 from megatron_topd.plan.rollout import nodes_for
 from megatron_topd.plan.speed import step_seconds
+
+
+# Co-located teacher group sizes tried: each group is its own pipeline schedule, efficient at G / (G + PP - 1), so
+# PP=4 needs G >= 17 for 85% (docs/training_step.md); the memory model charges G microbatches of teacher logits.
+TEACHER_GROUPS = (1, 2, 4, 8, 16, 24, 32)
+TARGET_PIPELINE_EFFICIENCY = 0.85
+
+
+def efficient_group(pp: int, target: float = TARGET_PIPELINE_EFFICIENCY) -> int:
+    """The smallest G with G / (G + PP - 1) >= target (PP=4: 17)."""
+    return max(1, math.ceil(target / (1 - target) * (pp - 1) - 1e-9))
+
+
+def pipeline_efficiency(plan: Plan) -> float:
+    """Share of a schedule's time without bubble: M / (M + PP - 1), M = microbatches per schedule (a co-located
+    teacher's group of G, else the step's microbatches)."""
+    layout = plan.layout
+    m = plan.microbatches_per_step
+    if layout.placement == "colocated":
+        m = min(m, layout.teacher_group_microbatches)
+    return m / (m + layout.pp - 1)
 
 
 @dataclass
@@ -78,7 +104,7 @@ def _stage_splits(layers: int, pp: int) -> list[tuple[int | None, int | None]]:
 def layouts(p: Problem, gpus: int):
     placements = [p.placement] if p.placement else (["colocated", "remote"] if p.teacher is not None else ["remote"])
     for tp in (t for t in (1, 2, 4, 8) if t <= p.gpus_per_node):
-        for cp in (1, 2, 4, 8):
+        for cp in (1,):  # CP > 1: refused by the trainer (config.py), so never proposed
             for pp in range(1, 33):
                 if gpus % (tp * cp * pp):
                     continue
@@ -87,7 +113,7 @@ def layouts(p: Problem, gpus: int):
                     for sp in ((False, True) if tp > 1 else (False,)):
                         for recompute in ("none", "full"):  # selective = none with flash attention
                             for budget in (p.seq, 2 * p.seq):
-                                for g in (1, 2, 4, 8):
+                                for g in sorted({*TEACHER_GROUPS, efficient_group(pp)}):
                                     for placement in placements:
                                         if placement == "remote" and g != 1:
                                             continue  # G only matters for a co-located teacher
@@ -95,7 +121,9 @@ def layouts(p: Problem, gpus: int):
 
 
 def _rank(p: Problem, plan: Plan) -> tuple:
-    return (plan.layout.placement != "colocated", p.seconds(plan), -plan.headroom_bytes)
+    """Co-located teacher first, then >= 85% pipeline efficiency where it fits, then speed, then headroom."""
+    return (plan.layout.placement != "colocated", pipeline_efficiency(plan) < TARGET_PIPELINE_EFFICIENCY - 1e-9,
+            p.seconds(plan), -plan.headroom_bytes)
 
 
 def choose_on(p: Problem, trainer_nodes: int) -> tuple[list[Plan], int]:
