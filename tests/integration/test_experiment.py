@@ -4,12 +4,23 @@ same student (the reused servers are re-synced), and the report is written."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from megatron_topd import experiment
+from megatron_topd.parallel.spawn import run_on_ranks
 from tests.distributed.test_task_assets import hf_accuracy
 from tests.integration.conftest import sglang_python
+
+
+def export_trained_student(ckpt_root: str, spec_path: str, out: str) -> None:
+    """The run's last checkpoint (the weights its servers held at the last evaluation) as an HF folder."""
+    from megatron_topd import parallel
+    from megatron_topd.convert.megatron_to_hf import convert_megatron_to_hf
+
+    parallel.initialize(1, 1, seed=0)
+    convert_megatron_to_hf(ckpt_root, out, spec_path=spec_path, log=lambda _: None)
 
 
 @pytest.mark.slow
@@ -24,6 +35,7 @@ def test_experiment_runs_variants_on_shared_servers_and_reports(tmp_path, task_a
     ])
     assert code == 0
     rows = {v: [json.loads(line) for line in open(out / f"{v}-seed3" / "metrics.jsonl")] for v in ("topd", "opd")}
+    n_heldout = len(open(task_assets["heldout"]).read().splitlines())
     student = hf_accuracy(task_assets["student_hf"], task_assets["heldout"])
     teacher = hf_accuracy(task_assets["teacher_hf"], task_assets["heldout"])
     for variant, r in rows.items():
@@ -33,9 +45,20 @@ def test_experiment_runs_variants_on_shared_servers_and_reports(tmp_path, task_a
         assert r[0]["heldout_accuracy"] == pytest.approx(student)
         assert r[0]["teacher_heldout_accuracy"] == pytest.approx(teacher)
         assert r[1]["rollout_weight_version"] == 0.0 and r[2]["rollout_weight_version"] == 1.0
-        assert all(0.0 <= row["heldout_accuracy"] <= 1.0 and row["eval_s"] > 0 for row in r[1:])
+        for row in r[1:]:  # evaluated after every step (eval.interval=1): a count of the held-out problems solved
+            solved = row["heldout_accuracy"] * n_heldout
+            assert "eval_s" in row and solved == pytest.approx(round(solved), abs=1e-9), (row, n_heldout)
         assert (out / f"{variant}-seed3" / "metrics.png").is_file()
     assert rows["topd"][1]["candidates"] > 0 and rows["opd"][1]["candidates"] == 0
+    # the last evaluation measured the trained weights on the server exactly as transformers measures the run's
+    # final checkpoint (saved after that step; tokenizer and config from the student it started from)
+    trained = tmp_path / "topd_trained_hf"
+    run_on_ranks(export_trained_student, 1, str(out / "topd-seed3" / "checkpoints"),
+                 str(task_assets["student_ckpt"] / "model_spec.yaml"), str(trained))
+    for f in task_assets["student_hf"].iterdir():
+        if "safetensors" not in f.name:
+            shutil.copy(f, trained / f.name)
+    assert rows["topd"][2]["heldout_accuracy"] == pytest.approx(hf_accuracy(trained, task_assets["heldout"]))
     report = json.loads((out / "results.json").read_text())
     assert set(report["table"]) == {"topd", "opd"}
     assert report["table"]["opd"]["finals"] == [rows["opd"][-1]["heldout_accuracy"]]
