@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankFailed(RuntimeError):
