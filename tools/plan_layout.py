@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_topd.plan import Layout, Problem, choose, known_models, load_spec  # noqa: E402
 from megatron_topd.plan.report import choice_dict, print_choice  # noqa: E402
 from megatron_topd.plan.search import service_nodes  # noqa: E402
+from megatron_topd.plan.step_time import TopdStep  # noqa: E402
 
 
 def _config_defaults(path: str) -> dict:
@@ -41,7 +42,24 @@ def _config_defaults(path: str) -> dict:
         "rollouts": train.get("prompts_per_step", 8) * rollout.get("n_samples", 4),
         "placement": teacher.get("placement", "colocated"), "fp8": bool(precision.get("fp8")),
         "loss_chunk": train.get("loss_chunk_size", 1024),
+        "step": _step_shape(data),
     }
+
+
+def _step_shape(data: dict) -> TopdStep:
+    """The step's shape for the per-phase time estimate: mean response half of rollout.max_new_tokens."""
+    train, rollout = data.get("train", {}) or {}, data.get("rollout", {}) or {}
+    topd, launch = data.get("topd", {}) or {}, data.get("launch", {}) or {}
+    defaults = TopdStep()
+    return TopdStep(rows=train.get("prompts_per_step", 8) * rollout.get("n_samples", 4),
+                    response_tokens=max(1, rollout.get("max_new_tokens", 2 * defaults.response_tokens) // 2),
+                    candidates_per_row=topd.get("top_k", defaults.candidates_per_row),
+                    window=topd.get("window", defaults.window),
+                    divergent_share=1.0 - topd.get("low_fraction", 1.0 - defaults.divergent_share),
+                    student_servers=rollout.get("num_servers", defaults.student_servers),
+                    teacher_servers=launch.get("teacher_nodes", defaults.teacher_servers) or 1,
+                    save_interval=train.get("save_interval", defaults.save_interval),
+                    variant=topd.get("variant", defaults.variant))
 
 
 def main(argv=None) -> int:
@@ -72,7 +90,7 @@ def main(argv=None) -> int:
         gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem, nodes=args.nodes,
         seq=args.seq or cfg.get("seq", 16384), rollouts_per_step=args.rollouts_per_step or cfg.get("rollouts", 256),
         placement=args.placement, fp8=args.fp8 or cfg.get("fp8", False), margin=args.margin,
-        loss_chunk=cfg.get("loss_chunk", 2048),
+        loss_chunk=cfg.get("loss_chunk", 2048), step=cfg.get("step", TopdStep()),
     )
     given = None
     if args.trainer_nodes:

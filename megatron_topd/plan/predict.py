@@ -107,7 +107,7 @@ class Plan:
 def predict_layout(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, *, seq: int, rows_per_step: int,
                    gpu_mem_gb: float, params_dtype: str = "bf16", fp8: bool = False, loss_chunk: int | None = 2048,
                    profile: str = "te_flash", margin: float = 0.10, distributed_optimizer: bool = True,
-                   runtime_reserve: float = RUNTIME_RESERVE_BYTES) -> Plan:
+                   runtime_reserve: float = RUNTIME_RESERVE_BYTES, teacher_fp8: bool = False) -> Plan:
     """Memory of every pipeline stage of `layout` (DP rank 0: the largest optimizer shard up to a few elements)."""
     plan = Plan(layout=layout, gpu_bytes=gpu_mem_gb * GB, margin=margin)
     colocated = teacher if layout.placement == "colocated" else None
@@ -150,10 +150,13 @@ def predict_layout(student: ModelSpec, teacher: ModelSpec | None, layout: Layout
             "runtime_reserve": runtime_reserve,
         }
         if colocated is not None:
-            tw = teacher_weights(colocated, tp=tp, pp=pp, stage=s, layers=t_layers, params_dtype=params_dtype, fp8=fp8)
+            # The teacher is built without FP8 unless teacher.precision asks for it (train/setup.py): no FP8 cache.
+            tw = teacher_weights(colocated, tp=tp, pp=pp, stage=s, layers=t_layers, params_dtype=params_dtype,
+                                 fp8=teacher_fp8)
             terms["teacher_weights"] = tw.weights + tw.fp8_weight_cache
             if last:
-                terms["teacher_logits"] = lg.teacher_logit_stash(layout.teacher_group_microbatches, tokens, v_rank)
+                terms["teacher_logits"] = lg.teacher_logit_stash(layout.teacher_group_microbatches, tokens, v_rank,
+                                                                 DTYPE_BYTES[params_dtype])
         plan.stages.append(StageMemory(stage=s, layers=layers[s], in_flight=in_flight, terms=terms))
     return plan
 
@@ -183,4 +186,5 @@ def predict_memory(cfg, student_spec: ModelSpec, teacher_spec: ModelSpec | None 
                           rows_per_step=t.prompts_per_step * cfg.rollout.n_samples, gpu_mem_gb=gpu_mem_gb,
                           params_dtype=cfg.precision.params_dtype, fp8=bool(cfg.precision.fp8),
                           loss_chunk=t.loss_chunk_size, profile=profile, margin=margin,
-                          distributed_optimizer=cfg.optim.use_distributed_optimizer)
+                          distributed_optimizer=cfg.optim.use_distributed_optimizer,
+                          teacher_fp8=bool(cfg.teacher.precision is not None and cfg.teacher.precision.fp8))

@@ -10,14 +10,26 @@ from megatron_topd.plan.units import GB
 def plan_table(plan: Plan, title: str):
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("GB per GPU")
+    table = Table(title=title, caption="L: layers, mb: microbatches in flight")
+    table.add_column("GB per GPU", no_wrap=True)
     for s in plan.stages:
-        table.add_column(f"stage {s.stage} ({s.layers} layers, {s.in_flight} in flight)", justify="right")
+        table.add_column(f"stage {s.stage}\n{s.layers} L, {s.in_flight} mb", justify="right", no_wrap=True)
     for term in TERMS:
         if any(s.terms.get(term) for s in plan.stages):
             table.add_row(term, *(f"{s.terms[term] / GB:.1f}" for s in plan.stages))
     table.add_row("[bold]total[/bold]", *(f"[bold]{s.total / GB:.1f}[/bold]" for s in plan.stages))
+    return table
+
+
+def phases_table(p: Problem, plan: Plan):
+    from rich.table import Table
+
+    est = p.phases(plan)
+    table = Table(title=f"one TOPD step, estimated (plan/step_time.py): {est.total / 60:.1f} min")
+    for name in ("phase", "seconds", "share"):
+        table.add_column(name, justify="left" if name == "phase" else "right", no_wrap=True)
+    for name, seconds in est.phases.items():
+        table.add_row(name, f"{seconds:.1f}", f"{seconds / est.total:.0%}")
     return table
 
 
@@ -39,6 +51,8 @@ def choice_dict(p: Problem, choice: Choice, given: Plan | None = None) -> dict:
         "overrides": choice.best.layout.overrides() if choice.best else None,
         "plan": choice.best.to_dict() if choice.best else None,
         "step_seconds_estimate": round(p.seconds(choice.best), 2) if choice.best else None,
+        "step_phases_seconds": ({k: round(v, 2) for k, v in p.phases(choice.best).phases.items()}
+                                if choice.best else None),
         "alternatives": [{"layout": a.layout.short(), "peak_gb": round(a.peak_bytes / GB, 1),
                           "step_seconds_estimate": round(p.seconds(a), 2)} for a in choice.alternatives],
         "layouts_considered": choice.considered,
@@ -74,8 +88,9 @@ def print_choice(p: Problem, choice: Choice, given: Plan | None = None, given_ti
         return
     best = choice.best
     console.print(f"[green]proposed[/green]: {best.layout.short()}  peak {best.peak_bytes / GB:.1f} GB of "
-                  f"{p.gpu_mem_gb:.0f} GB (margin {p.margin:.0%}), ~{p.seconds(best):.0f} s/step estimate, "
+                  f"{p.gpu_mem_gb:.0f} GB (margin {p.margin:.0%}), training pass ~{p.seconds(best):.0f} s, "
                   f"{choice.fitting} of {choice.considered} layouts fit")
     console.print(plan_table(best, "proposed layout, per GPU"))
+    console.print(phases_table(p, best))
     console.print("overrides: " + " ".join(f"{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
                                            for k, v in best.layout.overrides().items()))

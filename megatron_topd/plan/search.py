@@ -21,6 +21,7 @@ from megatron_topd.plan.layout import Layout
 from megatron_topd.plan.predict import Plan, predict_layout
 from megatron_topd.plan.rollout import nodes_for
 from megatron_topd.plan.speed import step_seconds
+from megatron_topd.plan.step_time import StepTime, TopdStep, step_time
 
 
 # Co-located teacher group sizes tried: each group is its own pipeline schedule, efficient at G / (G + PP - 1), so
@@ -59,6 +60,7 @@ class Problem:
     loss_chunk: int | None = 2048
     rollout_concurrency: float = 1.0
     teacher_concurrency: float = 0.25
+    step: TopdStep = field(default_factory=TopdStep)  # the step's shape, for the per-phase time estimate
 
     def predict(self, layout: Layout) -> Plan:
         return predict_layout(self.student, self.teacher, layout, seq=self.seq, rows_per_step=self.rollouts_per_step,
@@ -69,6 +71,13 @@ class Problem:
         return step_seconds(self.student, self.teacher, plan.layout, seq=self.seq,
                             tokens_per_step=self.rollouts_per_step * self.seq,
                             microbatches_per_step=plan.microbatches_per_step, fp8=self.fp8)
+
+
+    def phases(self, plan: Plan) -> StepTime:
+        """Seconds per phase of a whole TOPD step on this layout (plan/step_time.py)."""
+        return step_time(self.student, self.teacher, plan.layout, self.step, seq=self.seq,
+                         microbatches_per_step=plan.microbatches_per_step, gpus_per_node=self.gpus_per_node,
+                         fp8=self.fp8)
 
 
 @dataclass

@@ -23,19 +23,32 @@ def _attention_flops_per_token(spec: ModelSpec, seq: int) -> float:
     return 2 * spec.num_layers * spec.num_attention_heads * spec.kv_channels * seq  # fwd, causal half of 4 L q S
 
 
+def forward_flops_per_token(spec: ModelSpec, seq: int) -> float:
+    """One forward: 2 N_active + causal attention at sequence length ``seq``."""
+    return 2 * active_params(spec) + _attention_flops_per_token(spec, seq)
+
+
+def trainer_mfu(layout: Layout) -> float:
+    """Model-FLOPs utilisation: BASE_MFU, a little less per TP and CP doubling and with SP."""
+    return BASE_MFU * (0.97 ** math.log2(layout.tp)) * (0.95 ** math.log2(layout.cp)) * (0.98 if layout.sp else 1.0)
+
+
+def pipeline_bubble(layout: Layout, microbatches_per_step: int, colocated_teacher: bool) -> float:
+    """Time with the bubble over time without: 1 + (PP - 1) / M, M microbatches per schedule (a co-located teacher's
+    group of G is a schedule of its own)."""
+    per_schedule = min(microbatches_per_step, layout.teacher_group_microbatches) if colocated_teacher \
+        else microbatches_per_step
+    return 1 + (layout.pp - 1) / max(1, per_schedule)
+
+
 def step_seconds(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, *, seq: int, tokens_per_step: float,
                  microbatches_per_step: int, fp8: bool = False) -> float:
-    fwd = 2 * active_params(student) + _attention_flops_per_token(student, seq)
-    student_flops = tokens_per_step * fwd * (4 if layout.recompute == "full" else 3)
+    """The training pass alone (relative: it ranks layouts; plan/step_time.py estimates the whole step)."""
+    colocated = teacher is not None and layout.placement == "colocated"
+    student_flops = tokens_per_step * forward_flops_per_token(student, seq) * (4 if layout.recompute == "full" else 3)
     if layout.recompute == "selective":
         student_flops *= 1.02
-    teacher_flops = 0.0
-    if teacher is not None and layout.placement == "colocated":
-        teacher_flops = tokens_per_step * (2 * active_params(teacher) + _attention_flops_per_token(teacher, seq))
-    mfu = BASE_MFU * (0.97 ** math.log2(layout.tp)) * (0.95 ** math.log2(layout.cp)) * (0.98 if layout.sp else 1.0)
-    per_schedule = microbatches_per_step
-    if teacher is not None and layout.placement == "colocated":
-        per_schedule = min(microbatches_per_step, layout.teacher_group_microbatches)
-    bubble = 1 + (layout.pp - 1) / max(1, per_schedule)
+    teacher_flops = tokens_per_step * forward_flops_per_token(teacher, seq) if colocated else 0.0
     peak = PEAK_FLOPS["fp8" if fp8 else "bf16"]
-    return (student_flops + teacher_flops) * bubble / (layout.gpus * peak * mfu)
+    bubble = pipeline_bubble(layout, microbatches_per_step, colocated)
+    return (student_flops + teacher_flops) * bubble / (layout.gpus * peak * trainer_mfu(layout))
