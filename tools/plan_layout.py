@@ -6,7 +6,9 @@
 
 --student/--teacher: a known model (see --list), an HF folder, a config.json or a model_spec.yaml.
 --config: judge that YAML's layout first (parallel.*, train.max_tokens_per_microbatch, ...); its sequence length,
-rollouts per step, teacher placement and FP8 setting become the defaults. Exit status: 0 when the proposed layout
+rollouts per step, teacher placement, FP8 setting and step shape become the defaults, and so do the student and the
+teacher (its `student:` / `teacher_spec:` sections, else the checkpoints' model_spec.yaml or the HF folders) and the
+node counts (`launch.trainer_nodes`, `launch.gpus_per_node`) when not given. Exit status: 0 when the proposed layout
 fits (and the given one, if any), 1 when the given layout does not fit, 2 when nothing fits.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_topd.models.spec import ModelSpec  # noqa: E402
 from megatron_topd.plan import Layout, Problem, choose, known_models, load_spec  # noqa: E402
 from megatron_topd.plan.report import choice_dict, print_choice  # noqa: E402
 from megatron_topd.plan.search import service_nodes  # noqa: E402
@@ -43,7 +46,30 @@ def _config_defaults(path: str) -> dict:
         "placement": teacher.get("placement", "colocated"), "fp8": bool(precision.get("fp8")),
         "loss_chunk": train.get("loss_chunk_size", 1024),
         "step": _step_shape(data),
+        "models": _models_from_config(data),
+        "trainer_nodes": (data.get("launch", {}) or {}).get("trainer_nodes"),
+        "gpus_per_node": (data.get("launch", {}) or {}).get("gpus_per_node"),
     }
+
+
+def _models_from_config(data: dict) -> tuple[ModelSpec | None, ModelSpec | None, list[str]]:
+    """(student, teacher, where each was looked for): an inline spec section, else the checkpoint's model_spec.yaml
+    or the HF folder's config.json."""
+    from megatron_topd.config import from_dict
+
+    train, teacher = data.get("train", {}) or {}, data.get("teacher", {}) or {}
+    found, tried = [], []
+    for section, paths in (("student", (train.get("student_checkpoint"), train.get("student_hf_path"))),
+                           ("teacher_spec", (teacher.get("checkpoint"), teacher.get("hf_path")))):
+        spec = from_dict(ModelSpec, data[section], section) if data.get(section) else None
+        for path in paths:
+            if spec is None and path:
+                if Path(path).exists():
+                    spec = load_spec(path)
+                else:
+                    tried.append(path)
+        found.append(spec)
+    return found[0], found[1], tried
 
 
 def _step_shape(data: dict) -> TopdStep:
@@ -67,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--student", help="known model name, HF folder, config.json or model_spec.yaml")
     ap.add_argument("--teacher", help="as --student; omit for no teacher on the trainer")
     ap.add_argument("--config", help="a run's YAML: judge its layout, take its sequence length etc. as defaults")
-    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpus-per-node", type=int, help="default: the config's launch.gpus_per_node, else 8")
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (H100: 80)")
     ap.add_argument("--nodes", type=int, help="all nodes (trainer + rollout + teacher servers)")
     ap.add_argument("--trainer-nodes", type=int, help="trainer nodes only (servers get nodes of their own)")
@@ -82,11 +108,18 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(known_models()))
         return 0
-    if not args.student:
-        ap.error("--student is required")
     cfg = _config_defaults(args.config) if args.config else {}
+    student, teacher, tried = cfg.get("models", (None, None, []))
+    student = load_spec(args.student) if args.student else student
+    teacher = load_spec(args.teacher) if args.teacher else teacher
+    if student is None:
+        ap.error("--student is required" + (f" ({args.config} names no student spec, and none of {tried} exists)"
+                                            if args.config else ""))
+    args.gpus_per_node = args.gpus_per_node or cfg.get("gpus_per_node") or 8
+    if not args.nodes and not args.trainer_nodes:
+        args.trainer_nodes = cfg.get("trainer_nodes")
     problem = Problem(
-        student=load_spec(args.student), teacher=load_spec(args.teacher) if args.teacher else None,
+        student=student, teacher=teacher,
         gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem, nodes=args.nodes,
         seq=args.seq or cfg.get("seq", 16384), rollouts_per_step=args.rollouts_per_step or cfg.get("rollouts", 256),
         placement=args.placement, fp8=args.fp8 or cfg.get("fp8", False), margin=args.margin,

@@ -1,6 +1,8 @@
 """Planner and trainer agree (issue 24): every layout the planner searches, at 8B, 70B and 405B shapes, passes the
 trainer's own config validation (the same `Config.validate` a run calls), and the chosen co-located teacher group
 runs its pipeline schedules at >= 85% efficiency where memory allows."""
+from pathlib import Path
+
 import pytest
 
 from megatron_topd.config import Config, from_dict
@@ -49,3 +51,39 @@ def test_the_70b_choice_runs_its_teacher_schedules_at_85_percent_or_more():
     assert best.placement == "colocated"
     group = best.teacher_group_microbatches
     assert group / (group + best.pp - 1) >= 0.85, best.short()
+
+
+def test_plan_layout_takes_the_models_and_the_nodes_from_the_config(tmp_path):
+    """--config alone: the student from its checkpoint's model_spec.yaml, the teacher inline, the trainer nodes and
+    GPUs per node from launch:, the step's shape from train/rollout/topd."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from megatron_topd.plan.fixtures import FIXTURES
+
+    student_ckpt = tmp_path / "student_megatron"
+    student_ckpt.mkdir()
+    load_spec("Llama-3.1-8B").save_yaml(student_ckpt / "model_spec.yaml")
+    teacher = json.loads((FIXTURES / "Llama-3.1-70B.json").read_text())
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "parallel": {"tensor_parallel": 8}, "teacher_spec": None,
+        "train": {"student_checkpoint": str(student_ckpt), "max_seq_length": 16384, "prompts_per_step": 64,
+                  "max_tokens_per_microbatch": 16384, "teacher_group_microbatches": 1},
+        "teacher": {"placement": "colocated", "hf_path": str(tmp_path / "teacher_hf")},
+        "rollout": {"n_samples": 4, "max_new_tokens": 8000, "num_servers": 2},
+        "launch": {"trainer_nodes": 2, "gpus_per_node": 8, "teacher_nodes": 2}}))
+    (tmp_path / "teacher_hf").mkdir()
+    (tmp_path / "teacher_hf" / "config.json").write_text(json.dumps(teacher))
+    out = subprocess.run([sys.executable, "tools/plan_layout.py", "--config", str(config), "--json"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["nodes"]["trainer"] == 2 and doc["given"]["layout"]["dp"] == 2  # 16 GPUs at TP8
+    assert doc["assumptions"]["rollouts_per_step"] == 256 and doc["given"]["fits"]
+    phases = doc["step_phases_seconds"]
+    assert set(phases) >= {"generation", "scoring", "teacher_windows", "training", "weight_sync", "checkpoint"}
+    assert all(v > 0 for v in phases.values())
