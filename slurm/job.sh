@@ -41,9 +41,14 @@ container() {
 }
 mapfile -t TRAINER_C < <(container "$TRAINER_IMAGE")
 mapfile -t SGLANG_C < <(container "$SGLANG_IMAGE")
+# Without images, BARE_TASKS=1 runs each role's command through slurm/bare_task.sh: its own mount namespace with
+# Slurm's client, config and munge socket masked, i.e. what a task sees in a stock image (the CPU job does).
+WRAP=()
+if [[ ${BARE_TASKS:-0} == 1 && -z $TRAINER_IMAGE$SGLANG_IMAGE ]]; then WRAP=(bash "$REPO/slurm/bare_task.sh"); fi
 
 run() {  # run a command, or print it under TOPD_DRYRUN=1
-  if [[ $DRYRUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+  local line
+  if [[ $DRYRUN == 1 ]]; then line=$(printf "%q " "$@"); echo "$line"; else "$@"; fi   # one write: background steps never mix lines
 }
 
 # A stop request (SIGUSR1) may come at any time, even before the trainer runs: trapped from the start (untrapped,
@@ -63,11 +68,20 @@ trap request_stop USR1
 
 # 1. The plan: validate the whole config and split the nodes (in the trainer image: it holds the config's code).
 : "${SLURM_JOB_NODELIST:?not inside a Slurm allocation (set SLURM_JOB_NODELIST for TOPD_DRYRUN=1)}"
-first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-if [[ $DRYRUN == 1 ]]; then
+first_node() {  # the first name of a Slurm host list, without Slurm's client: n[08-11],gpu1 -> n08
+  local rest=$1 name=""
+  while [[ $rest =~ ^([^],[]*)\[([0-9]+)[^]]*\](.*)$ ]]; do
+    name+=${BASH_REMATCH[1]}${BASH_REMATCH[2]} rest=${BASH_REMATCH[3]}
+  done
+  echo "$name${rest%%,*}"
+}
+first_node=$(first_node "$SLURM_JOB_NODELIST")
+if [[ $DRYRUN == 1 ]]; then   # the step it would run, then the plan on this host
+  run srun --job-name=plan --nodes=1 --ntasks=1 --nodelist="$first_node" "${TRAINER_C[@]}" "${WRAP[@]}" \
+    "$TRAINER_PYTHON" -m megatron_topd.launch.plan --config "$CONFIG" "$@"
   plan=$("$TRAINER_PYTHON" -m megatron_topd.launch.plan --config "$CONFIG" "$@")
 else
-  plan=$(srun --job-name=plan --nodes=1 --ntasks=1 --nodelist="$first_node" "${TRAINER_C[@]}" \
+  plan=$(srun --job-name=plan --nodes=1 --ntasks=1 --nodelist="$first_node" "${TRAINER_C[@]}" "${WRAP[@]}" \
     "$TRAINER_PYTHON" -m megatron_topd.launch.plan --config "$CONFIG" "$@")
 fi
 eval "$plan"
@@ -84,7 +98,7 @@ if (( N_STUDENT > 0 )); then
   for role in student teacher; do
     if [[ $role == student ]]; then nodes=$STUDENT_NODES n=$N_STUDENT; else nodes=$TEACHER_NODES n=$N_TEACHER; fi
     run srun --job-name="$role" --nodes="$n" --ntasks="$n" --ntasks-per-node=1 --nodelist="$nodes" "${GPU_ARGS[@]}" \
-      --output="$LOGS/$role.log" --open-mode=append "${SGLANG_C[@]}" \
+      --output="$LOGS/$role.log" --open-mode=append "${SGLANG_C[@]}" "${WRAP[@]}" \
       "$SERVER_PYTHON" -m megatron_topd.launch.serve --role "$role" --config "$CONFIG" "$@" &
     server_pids+=($!)
   done
@@ -94,7 +108,7 @@ fi
 run srun --job-name=trainer --nodes="$N_TRAINER" --ntasks=$((N_TRAINER * TASKS_PER_NODE)) \
   --ntasks-per-node="$TASKS_PER_NODE" --nodelist="$TRAINER_NODES" \
   "${GPU_ARGS[@]}" --kill-on-bad-exit=1 --label --output="$LOGS/trainer.log" --open-mode=append "${TRAINER_C[@]}" \
-  --export=ALL,MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT" \
+  --export=ALL,MASTER_ADDR="$MASTER_ADDR",MASTER_PORT="$MASTER_PORT" "${WRAP[@]}" \
   "$TRAINER_PYTHON" -m megatron_topd.launch.trainer --config "$CONFIG" "$@" &
 trainer=$!
 

@@ -1,10 +1,12 @@
 #!/bin/bash
-# TOPD on the CPU, split into roles: 1 trainer node (2 ranks, TP=2 over gloo), 1 student-server node, 1 teacher-server
-# node (examples/topd_cpu_slurm.yaml). Tiny models; the tests run it on a local Slurm cluster (scripts/slurm_local.sh).
+# TOPD on the CPU, split into roles: 2 trainer nodes (2 ranks each: TP=2 inside a node, DP=2 across nodes, gloo),
+# 1 student-server node, 1 teacher-server node (examples/topd_cpu_slurm.yaml). Tiny models; the tests run it on a local
+# Slurm cluster whose nodes have their own network stacks (scripts/slurm_local.sh). Each role's task runs as in a stock
+# container image (slurm/bare_task.sh: no Slurm client, config or munge socket), in place of pyxis.
 #   sbatch slurm/topd_cpu.sh train.student_checkpoint=... [section.key=value ...]
 # Without asset overrides, the CPU demo's tiny models are built first (under runs/demo/assets).
 #SBATCH --job-name=topd-cpu
-#SBATCH --nodes=3
+#SBATCH --nodes=4
 #SBATCH --ntasks-per-node=2
 #SBATCH --exclusive
 #SBATCH --time=00:30:00
@@ -17,6 +19,7 @@ export CONFIG=${CONFIG:-$REPO/examples/topd_cpu_slurm.yaml}
 export TRAINER_PYTHON=${TRAINER_PYTHON:-$REPO/.venv/bin/python}
 export SERVER_PYTHON=${SERVER_PYTHON:-$REPO/.venv/bin/python}   # runs the role; SGLang itself: rollout.server_python
 export OMP_NUM_THREADS=1
+export BARE_TASKS=${BARE_TASKS:-1}
 if [[ " $* " != *" train.student_checkpoint="* ]]; then
   assets=$REPO/runs/demo/assets
   srun --nodes=1 --ntasks=1 --job-name=assets "$TRAINER_PYTHON" -c \

@@ -33,6 +33,11 @@ class LaunchConfig:
     endpoint_timeout_s: float = 1800.0  # the trainer waits this long for every server's URL
     master_port: int = 0  # trainer rendezvous port; 0 = 20000 + job id % 20000
     dist_init_port: int = 0  # multi-node teacher servers' --dist-init-addr port; 0 = master_port + 1000
+    # The network the roles meet on. "" = the node names (resolved by each node); an interface name (e.g. ib0,
+    # eth1) = that interface: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME for the trainer and the servers' weight-sync
+    # group, and the address servers publish and the weight-sync master gives is that interface's IPv4 address.
+    network_interface: str = ""
+    server_bind: str = "0.0.0.0"  # the address SGLang servers bind (default: every interface of their node)
 
     def validate(self) -> "LaunchConfig":
         for name in ("trainer_nodes", "tasks_per_node", "student_servers_per_node", "teacher_nodes_per_server"):
@@ -78,6 +83,33 @@ class LaunchConfig:
         """(trainer rendezvous port, teacher --dist-init-addr port) for this job."""
         master = self.master_port or 20000 + int(job_id or 0) % 20000
         return master, self.dist_init_port or (master + 1000 if master + 1000 <= 65535 else master - 1000)
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface `name` on this node (a clear error if it has none)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+        except OSError as e:
+            raise ValueError(f"launch.network_interface={name!r}: no IPv4 address on this node "
+                             f"({socket.gethostname()}): {e}; `ip -br addr` lists the interfaces") from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def network_env(lc: LaunchConfig) -> dict[str, str]:
+    """Environment that pins NCCL and gloo to `launch.network_interface` (empty when unset)."""
+    if not lc.network_interface:
+        return {}
+    return {"NCCL_SOCKET_IFNAME": lc.network_interface, "GLOO_SOCKET_IFNAME": lc.network_interface}
+
+
+def published_address(lc: LaunchConfig, node: str) -> str:
+    """What other nodes use to reach this node: its address on `launch.network_interface`, else its name."""
+    return interface_address(lc.network_interface) if lc.network_interface else node
 
 
 def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict:

@@ -46,6 +46,38 @@ def publish(root: str | Path, role: str, name: str, url: str, *, log: str = "", 
     return path
 
 
+def publish_failure(root: str | Path, role: str, name: str, *, node: str, log: str, tail: str, error: str) -> Path:
+    """A server that exited or never became healthy: `<endpoints>/<role>/<name>.failed`, which the trainer's wait
+    turns into an error at once (naming role, node, log and its last lines) instead of waiting out its deadline."""
+    folder = Path(root) / role
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.failed"
+    tmp = folder / f".{name}.failed.tmp"
+    tmp.write_text(json.dumps({"role": role, "name": name, "node": node, "log": log, "tail": tail, "error": error,
+                               "attempt": attempt_id()}))
+    os.replace(tmp, path)
+    return path
+
+
+def failures(root: str | Path, roles) -> list[dict]:
+    """This attempt's failed servers of `roles`."""
+    out = []
+    for role in roles:
+        folder = Path(root) / role
+        for path in sorted(folder.glob("*.failed")) if folder.is_dir() else []:
+            try:
+                entry = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError):
+                continue
+            if entry.get("attempt") == attempt_id():
+                out.append(entry)
+    return out
+
+
+class ServerRoleFailed(RuntimeError):
+    """A server role reported that one of its servers exited or never became healthy."""
+
+
 def read(root: str | Path, role: str) -> list[dict]:
     """This attempt's endpoints of `role`, sorted by file name (a stable order for every reader)."""
     folder = Path(root) / role
@@ -69,6 +101,11 @@ def wait_for(root: str | Path, expected: dict[str, int], *, timeout_s: float, lo
     """
     deadline = time.monotonic() + timeout_s
     while True:
+        failed = failures(root, expected)
+        if failed:
+            raise ServerRoleFailed("\n".join(
+                f"{f['role']} server {f['name']} on node {f['node']} failed: {f['error']}\n  log: {f['log']}\n"
+                f"--- last lines of its log ---\n{f['tail']}" for f in failed))
         found = {role: read(root, role) for role in expected}
         short = {role: n for role, n in expected.items() if len(found[role]) < n}
         if not short:
@@ -84,7 +121,8 @@ def wait_for(root: str | Path, expected: dict[str, int], *, timeout_s: float, lo
 def write_exit(root: str | Path, code: int) -> None:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{EXIT_FILE}.tmp"
+    # Several ranks may write it at once (a stop request ends every rank with 75): one temporary file each.
+    tmp = root / f".{EXIT_FILE}.{node_name()}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"code": int(code), "attempt": attempt_id()}))
     os.replace(tmp, root / EXIT_FILE)
 

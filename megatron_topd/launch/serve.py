@@ -2,8 +2,8 @@
 
     python -m megatron_topd.launch.serve --role student|teacher --config C [section.key=value ...]
 
-Starts this node's SGLang server(s) bound to the node's name (a routable address, never 127.0.0.1), waits for
-`/health`, publishes each URL under `<endpoints>/<role>/`, then serves until the trainer's exit file appears (exit
+Starts this node's SGLang server(s) bound to `launch.server_bind` (default every interface), waits for `/health`,
+publishes each URL (the node's name, or its address on `launch.network_interface`: never 127.0.0.1) under `<endpoints>/<role>/`, then serves until the trainer's exit file appears (exit
 with the trainer's code, so whichever role a launcher sees end first reports the trainer's result) or a server dies
 (exit 1 with its log tail).
 """
@@ -16,7 +16,7 @@ import sys
 import time
 
 from megatron_topd.launch import endpoints
-from megatron_topd.launch.config import launch_section, load_raw
+from megatron_topd.launch.config import launch_section, load_raw, network_env, published_address
 from megatron_topd.launch.nodes import step_nodes
 from megatron_topd.launch.servers import servers_on_node
 
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     nodes = step_nodes()
     index = int(os.environ.get("SLURM_NODEID", "0"))
     _, dist_port = lc.ports(endpoints.job_id())
-    specs = servers_on_node(data, lc, args.role, nodes, index, log_dir=logs, dist_init_port=dist_port)
+    os.environ.update(network_env(lc))  # the servers' weight-sync group (gloo/NCCL) on launch.network_interface
+    specs = servers_on_node(data, lc, args.role, nodes, index, log_dir=logs, dist_init_port=dist_port,
+                            address=published_address(lc, nodes[index]))
     print(f"[{args.role} {endpoints.node_name()}] starting {len(specs)} server(s): "
           + "; ".join(" ".join(s.server.command()) for s in specs), flush=True)
     try:
@@ -43,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             s.server.start()
         for s in specs:
             if s.publishes:
-                s.server.wait_healthy()
+                try:
+                    s.server.wait_healthy()
+                except Exception as e:  # exited, or not healthy in time: tell the trainer now, then fail
+                    endpoints.publish_failure(root, args.role, s.name, node=s.node, log=str(s.server.log_path),
+                                              tail=s.server.log_tail(), error=str(e).split("\n", 1)[0])
+                    print(f"[{args.role} {s.node}] SGLang server {s.name} failed to start: {e}", file=sys.stderr,
+                          flush=True)
+                    return 1
                 endpoints.publish(root, args.role, s.name, s.server.url, log=str(s.server.log_path))
                 print(f"[{args.role} {s.node}] {s.server.url} healthy, published", flush=True)
         while True:

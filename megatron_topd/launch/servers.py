@@ -46,8 +46,11 @@ def role_nodes(lc: LaunchConfig, nodes: list[str]) -> dict[str, list[str]]:
 
 
 def servers_on_node(data: dict, lc: LaunchConfig, role: str, nodes: list[str], node_index: int, *,
-                    log_dir: str | Path, dist_init_port: int, port: int | None = None) -> list[ServerSpec]:
-    """The servers of `role` on `nodes[node_index]` (`nodes`: this role's nodes, in order)."""
+                    log_dir: str | Path, dist_init_port: int, port: int | None = None,
+                    address: str | None = None) -> list[ServerSpec]:
+    """The servers of `role` on `nodes[node_index]` (`nodes`: this role's nodes, in order). They bind
+    `launch.server_bind` (default every interface) and are reached at `address` (default the node's name; the role
+    on its node passes `launch.config.published_address`)."""
     from megatron_topd.launch.config import section
     from megatron_topd.rollout.config import RolloutConfig, student_server_flags
     from megatron_topd.rollout.server import SGLangServer
@@ -71,7 +74,8 @@ def servers_on_node(data: dict, lc: LaunchConfig, role: str, nodes: list[str], n
                       "--dist-init-addr", f"{nodes[group * span]}:{dist_init_port}"]
         cfg = replace(rollout, extra_server_args=[])
         server = SGLangServer(
-            model_path(data, role), python=cfg.server_python, host=node, port=port, device=cfg.device, dtype=cfg.dtype,
+            model_path(data, role), python=cfg.server_python, host=address or node, bind=lc.server_bind or None,
+            port=port, device=cfg.device, dtype=cfg.dtype,
             tp_size=cfg.tp_size * span if span > 1 else cfg.tp_size, mem_fraction_static=cfg.mem_fraction_static,
             context_length=cfg.context_length, seed=cfg.server_seed, extra_args=extra,
             log_dir=Path(log_dir) / "sglang", startup_timeout_s=cfg.startup_timeout_s)

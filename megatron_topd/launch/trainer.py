@@ -34,8 +34,12 @@ def handoff_overrides(data: dict, lc, root, logs, nodes: list[str]) -> list[str]
     urls = endpoints.wait_for(root, {"student": lc.num_student_servers, "teacher": lc.num_teacher_servers},
                               timeout_s=lc.endpoint_timeout_s,
                               logs={r: f"{logs}/{r}.log and {logs}/sglang/" for r in ("student", "teacher")})
+    # The weight-sync master is trainer rank 0, on the first trainer node: its name, or its interface address.
+    from megatron_topd.launch.config import published_address
+
+    master = published_address(lc, nodes[0]) if endpoints.node_name() == nodes[0] else nodes[0]
     return [f"rollout.urls={json.dumps(urls['student'])}", f"teacher.urls={json.dumps(urls['teacher'])}",
-            f"rollout.sync_master_address={nodes[0]}"]
+            f"rollout.sync_master_address={master}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from megatron_topd.launch import endpoints
-    from megatron_topd.launch.config import launch_section, load_raw
+    from megatron_topd.launch.config import launch_section, load_raw, network_env
     from megatron_topd.launch.nodes import step_nodes
 
     data = load_raw(args.config, args.overrides)
     lc = launch_section(data)
+    os.environ.update(network_env(lc))  # before torch.distributed starts: gloo/NCCL on launch.network_interface
     out = (data.get("train") or {}).get("output_dir", "runs/topd")
     root, logs = lc.endpoints(out), lc.logs(out)
     preemption.install(stop_check=lambda: endpoints.stop_requested(root))  # slurm/job.sh's USR1 trap writes it

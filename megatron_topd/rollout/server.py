@@ -63,6 +63,7 @@ class SGLangServer:
         python: str | os.PathLike = ".venv-sglang/bin/python",
         host: str = "127.0.0.1",
         port: int | None = None,
+        bind: str | None = None,
         device: str = "cpu",
         dtype: str = "auto",
         tp_size: int = 1,
@@ -79,8 +80,9 @@ class SGLangServer:
         # Absolute paths: the server runs in its log directory (it drops crash files into its working directory).
         self.model_path = str(Path(model_path).absolute()) if Path(model_path).exists() else str(model_path)
         self.python = str(Path(python).absolute()) if os.sep in str(python) else str(python)
-        self.host = host
-        self.port = port or free_port(host)
+        self.host = host  # the address in the URL (what clients reach)
+        self.bind = bind or host  # the address SGLang binds (e.g. 0.0.0.0: every interface of the node)
+        self.port = port or free_port(self.bind)
         # A port we picked is free when picked, but SGLang binds it only after ~20 s of start-up, and meanwhile another
         # process (a second server's internal ports, a gloo store) can take it: then start again on a fresh port.
         self._port_retries = 0 if port else 3
@@ -124,7 +126,7 @@ class SGLangServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", self.module, "--model-path", self.model_path, "--host", self.host,
+        cmd = [self.python, "-m", self.module, "--model-path", self.model_path, "--host", self.bind,
                "--port", str(self.port), "--device", self.device, "--dtype", self.dtype,
                "--tp-size", str(self.tp_size), "--random-seed", str(self.seed)]
         if self.device == "cpu":
@@ -223,7 +225,7 @@ class SGLangServer:
     def _restart_on_a_new_port(self) -> None:
         self.stop()
         old = self.port
-        self.port = free_port(self.host)
+        self.port = free_port(self.bind)
         self.start()
         note = f"(port {old} was taken before the server could bind it; restarted on {self.port})\n"
         self._log_file.write(note.encode())

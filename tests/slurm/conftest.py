@@ -1,6 +1,8 @@
-"""The Slurm tier: a real Slurm 22.05 cluster on this machine (slurmctld, slurmdbd + MariaDB, 3 virtual nodes n1-n3;
-scripts/slurm_local.sh), started for this package and stopped after it. Jobs run the real roles with real SGLang CPU
-servers and the real trainer. Needs root (daemons, /etc/hosts): the only opt-out is a non-root run, which skips.
+"""The Slurm tier: a real Slurm 22.05 cluster on this machine (slurmctld, slurmdbd + MariaDB, 4 virtual nodes
+topdn1-topdn4, each in its own network namespace on a private bridge; scripts/slurm_local.sh), started for this package
+and stopped after it. Jobs run the real roles with real SGLang CPU servers and the real trainer, each task as in a stock
+container image (slurm/bare_task.sh). Needs root (daemons, namespaces, /etc/hosts): the only opt-out is a non-root
+run, which skips the tests that need the cluster (test_static.py needs neither and always runs).
 Without the packages these tests FAIL: `make setup-slurm setup-nemorun` (make test does it)."""
 from __future__ import annotations
 
@@ -18,12 +20,29 @@ NEMORUN_PYTHON = REPO / ".venv-nemorun" / "bin" / "python"
 TRAINER_PYTHON = REPO / ".venv" / "bin" / "python"
 
 
+NODES = ("topdn1", "topdn2", "topdn3", "topdn4")  # scripts/slurm_local.sh's names; namespace topdsl-<node>
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:
-        skip = pytest.mark.skip(reason="the local Slurm cluster needs root (daemons, /etc/hosts); run as root")
+        skip = pytest.mark.skip(reason="the local Slurm cluster needs root (daemons, namespaces, /etc/hosts)")
         for item in items:
-            if "tests/slurm" in str(item.fspath):
+            if "tests/slurm" in str(item.fspath) and "cluster" in getattr(item, "fixturenames", ()):
                 item.add_marker(skip)
+
+
+def node_processes(node: str) -> list[str]:
+    """`pid command` of every process in a node's network namespace except its slurmd (the job's leftovers)."""
+    pids = subprocess.run(["ip", "netns", "pids", f"topdsl-{node}"], capture_output=True, text=True).stdout.split()
+    out = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmd and not cmd.startswith("slurmd "):
+            out.append(f"{pid} {cmd[:200]}")
+    return out
 
 
 def require(*tools: str) -> None:
@@ -40,6 +59,7 @@ def cluster(tmp_path_factory):
     # Not under pytest's private tmp folder: MariaDB runs as user mysql and must reach its data folder.
     state = Path(tempfile.mkdtemp(prefix="topd-slurm-"))
     script = REPO / "scripts" / "slurm_local.sh"
+    hosts_before = Path("/etc/hosts").read_text()
     started = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True, text=True, timeout=180)
     if started.returncode != 0:
         subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=120)
@@ -49,12 +69,19 @@ def cluster(tmp_path_factory):
     try:
         yield os.environ["SLURM_CONF"]
     finally:
-        subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, timeout=180)
-        shutil.rmtree(state, ignore_errors=True)
+        stopped = subprocess.run(["bash", str(script), "stop", str(state)], capture_output=True, text=True, timeout=180)
         if old is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+        # Nothing left behind: /etc/hosts as before, no node namespace, no process started from the cluster's folder.
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        left = [line for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+                .splitlines() if str(state) in line]
+        shutil.rmtree(state, ignore_errors=True)
+        assert Path("/etc/hosts").read_text() == hosts_before, "the cluster's /etc/hosts lines were not removed"
+        assert "topdsl-" not in netns, netns
+        assert not left and stopped.returncode == 0, (left, stopped.stdout, stopped.stderr)
 
 
 @pytest.fixture(scope="package")
@@ -77,7 +104,7 @@ def job_field(job_id: str, field: str) -> str:
     return ""
 
 
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 1.0, on_timeout=lambda: ""):
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.5, on_timeout=lambda: ""):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()

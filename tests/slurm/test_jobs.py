@@ -1,18 +1,24 @@
-"""Real jobs on the local cluster: the CPU TOPD job split into roles (trainer n1, student servers n2, teacher n3).
+"""Real jobs on the local cluster: the CPU TOPD job split into roles on 4 nodes with their own network stacks
+(trainer topdn1-topdn2 with 2 gloo ranks each, student servers topdn3, teacher servers topdn4), every task run as in
+a stock container image (slurm/bare_task.sh: no Slurm client, no slurm.conf, no munge socket).
 
 1. NeMo-Run submits the experiment through LocalTunnel (heterogeneous job, one group per role, shipped code): it runs
-   3 TOPD steps and reports SUCCEEDED; this run is also the uninterrupted reference for 2.
-2. `sbatch slurm/topd_cpu.sh`, stopped by SIGUSR1 to the batch script (what --signal=B:USR1@<s> sends) while the
-   servers start: the request is kept (<endpoints>/stop), so the trainer stops after step 1, checkpoints, exits 75;
-   the job requeues itself, resumes from the checkpoint, runs the rest and ends with the steps, checkpoints, rollout
-   files and metrics lines of the uninterrupted run. (A signal sent once step 1's rollouts were on disk raced a
-   fast trainer: on CI all 3 steps ended before it arrived.)
-3. A trainer that fails makes the NeMo-Run experiment report FAILED (not the servers' result).
+   2 TOPD steps and reports SUCCEEDED; this run is also the uninterrupted reference for 2.
+2. `sbatch slurm/topd_cpu.sh` on launch.network_interface=topd0, stopped by SIGUSR1 to the batch script (what
+   --signal=B:USR1@<s> sends) while the servers start: the request is kept (<endpoints>/stop), so the trainer stops
+   after step 1, checkpoints, exits 75; the job requeues itself, resumes from the checkpoint, runs the rest and ends
+   with the steps, checkpoints, rollout files and metrics lines of the uninterrupted run. Weight sync: distributed,
+   over gloo from trainer rank 0 on topdn1 to the student server on topdn3; ranks 2-3 on topdn2 cannot bind topdn1's
+   address (before the fix, Errno 99 there). Each task asserts on entry that `scontrol` cannot run.
+3. A student server whose SGLang never becomes healthy fails the job within 2 minutes, the error naming role, node
+   and the last lines of its log; nothing of the job is left on any node.
+4. A trainer that fails makes the NeMo-Run experiment report FAILED (not the servers' result).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,12 +26,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.slurm.conftest import (NEMORUN_PYTHON, REPO, TRAINER_PYTHON, asset_overrides, job_field, sacct_steps, tail,
-                                  wait_until)
+from tests.slurm.conftest import (NEMORUN_PYTHON, NODES, REPO, TRAINER_PYTHON, asset_overrides, job_field,
+                                  node_processes, sacct_steps, tail, wait_until)
 
 CONFIG = "examples/topd_cpu_slurm.yaml"
 SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
 VOLATILE = ("_s", "sync_mb", "peak_mem_gb")  # timings and process sizes differ between runs
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 def common_overrides(assets, out: Path) -> list[str]:
@@ -60,6 +67,10 @@ def status_of(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[-1][len("STATUS "):])
 
 
+def host_of(url: str) -> str:
+    return url.split("//")[1].rsplit(":", 1)[0]
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, assets, tmp_path_factory):
     """The NeMo-Run experiment's uninterrupted 2-step run: (output dir, NeMo-Run status, NeMo-Run job dir)."""
@@ -73,25 +84,25 @@ def test_nemo_run_experiment_runs_the_roles_and_succeeds(reference):
     out, status, job_dir, proc = reference
     assert status and all(v.endswith("SUCCEEDED") for v in status.values()), (status, tail(out / "logs/trainer.log"))
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert (out / "checkpoints" / "latest_step.txt").read_text() == "3"
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (out / "checkpoints" / "latest_step.txt").read_text() == "2"
     # The roles ran from the code NeMo-Run shipped (PatternPackager), not from this checkout.
     sbatch = next(job_dir.rglob("*_sbatch.sh")).read_text()
     assert sbatch.count("#SBATCH hetjob") == 2 and "--het-group=2" in sbatch and "--requeue" in sbatch
     code_dirs = list(job_dir.rglob("code/megatron_topd/launch/trainer.py"))
     assert code_dirs and f"--chdir {code_dirs[0].parents[2]}" in sbatch
-    # Slurm placed the het groups: each role on its own node, reached by node name, weight sync via the trainer's node.
+    # Slurm placed the het groups: each role on its own node(s), reached by node name, weight sync via trainer node 1.
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    student = {u.split("//")[1].split(":")[0] for u in saved["rollout"]["urls"]}
-    teacher = {u.split("//")[1].split(":")[0] for u in saved["teacher"]["urls"]}
+    student = {host_of(u) for u in saved["rollout"]["urls"]}
+    teacher = {host_of(u) for u in saved["teacher"]["urls"]}
     trainer = saved["rollout"]["sync_master_address"]
     assert len(student) == len(teacher) == 1 and len(student | teacher | {trainer}) == 3
-    assert (student | teacher | {trainer}) <= {"n1", "n2", "n3"}
+    assert (student | teacher | {trainer}) <= set(NODES)
 
 
 def slurm_debug(job_id: str, batch_log: Path, out: Path) -> str:
     """What a failed job assertion shows: the batch and trainer logs, Slurm's view of the job, and the controller's
-    and the batch node's log lines about it (the cluster's logs are deleted with it)."""
+    and the nodes' log lines about it (the cluster's logs are deleted with it)."""
     logs = Path(os.environ["SLURM_CONF"]).parent / "log"
     job = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     ctld = [line for line in (logs / "slurmctld.log").read_text(errors="replace").splitlines()
@@ -101,13 +112,26 @@ def slurm_debug(job_id: str, batch_log: Path, out: Path) -> str:
             f"\n--- slurmctld\n" + "\n".join(ctld[-40:]) + f"\n{slurmd}")
 
 
-def test_sbatch_job_split_into_roles_is_preempted_requeued_and_resumes(cluster, assets, reference, tmp_path):
-    ref_out = reference[0]
-    out = tmp_path / "run"
-    job = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "slurm/topd_cpu.sh",
-                          *common_overrides(assets, out)], cwd=REPO, capture_output=True, text=True, check=True)
+def submit(tmp_path: Path, overrides: list[str]) -> tuple[str, Path]:
+    job = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "slurm/topd_cpu.sh", *overrides],
+                         cwd=REPO, capture_output=True, text=True, check=True)
     job_id = job.stdout.strip().split(";")[0]
-    batch_log = tmp_path / f"job-{job_id}.out"
+    return job_id, tmp_path / f"job-{job_id}.out"
+
+
+def nothing_left_on_any_node(timeout_s: float = 60) -> None:
+    """Every node's namespace holds its slurmd only (the job's processes, SGLang's included, are gone)."""
+    left = lambda: {n: node_processes(n) for n in NODES if node_processes(n)}  # noqa: E731
+    wait_until(lambda: not left(), timeout_s, "the job's processes to leave every node",
+               on_timeout=lambda: json.dumps(left(), indent=1))
+
+
+@pytest.fixture(scope="module")
+def preempted(cluster, assets, reference, tmp_path_factory):
+    """The sbatch job, stopped by SIGUSR1 while its servers start, requeued, resumed: (job id, batch log, output)."""
+    tmp_path = tmp_path_factory.mktemp("sbatch_requeue")
+    out = tmp_path / "run"
+    job_id, batch_log = submit(tmp_path, [*common_overrides(assets, out), "launch.network_interface=topd0"])
     debug = lambda: slurm_debug(job_id, batch_log, out)  # noqa: E731
     try:
         # Ask the job to stop as --signal=B:USR1@<s> would, while its servers start and before the trainer trains:
@@ -115,39 +139,66 @@ def test_sbatch_job_split_into_roles_is_preempted_requeued_and_resumes(cluster, 
         planned = lambda: batch_log.exists() and "[job] attempt" in batch_log.read_text()  # noqa: E731
         wait_until(planned, 300, "the batch script's plan", on_timeout=debug)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-        wait_until(lambda: job_field(job_id, "Restarts") == "1" and job_field(job_id, "JobState") == "PENDING", 600,
-                   "the job to requeue itself", on_timeout=debug)
-        assert [r["step"] for r in metrics(out)] == [1], "the trainer stopped after the first step it ran"
-        assert (out / "checkpoints" / "step_00000001" / "PREEMPTION_CHECKPOINT").exists()
-        # Slurm holds a requeued job for AuthInfo's cred_expire (120 s by default; 10 s on the test cluster) so that
-        # the revoked credentials of the first attempt expire. Starting it earlier (`scontrol update
-        # starttime=now`, as this test once did) failed the launch now and then: FAILED, no output.
-        wait_until(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 900,
-                   "the requeued job to finish", on_timeout=debug)
+        # Slurm's restart count is monotonic: no need to catch the short PENDING state between the attempts.
+        restarted = lambda: int(job_field(job_id, "Restarts") or 0) >= 1  # noqa: E731
+        wait_until(lambda: restarted() or job_field(job_id, "JobState") in ENDED, 600, "the job to requeue itself",
+                   on_timeout=debug)
+        assert restarted(), f"the job ended without requeueing itself\n{debug()}"
+        stopped_after = [r["step"] for r in metrics(out)]
+        preemption_ckpt = (out / "checkpoints" / "step_00000001" / "PREEMPTION_CHECKPOINT").exists()
+        # Slurm holds a requeued job for AuthInfo's cred_expire (10 s on the test cluster) before it starts again.
+        wait_until(lambda: job_field(job_id, "JobState") in ENDED, 900, "the requeued job to finish", on_timeout=debug)
         assert job_field(job_id, "JobState") == "COMPLETED", debug()
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
+    assert stopped_after == [1], "the trainer stopped after the first step it ran"
+    assert preemption_ckpt
+    # Slurm's accounting records the steps of both attempts shortly after the end: wait for them, not for a clock.
+    steps = wait_until(lambda: (lambda s: s if sum(r["name"] == "trainer" for r in s) == 2 else None)(
+        sacct_steps(job_id)), 60, "sacct to list both attempts' trainer steps",
+        on_timeout=lambda: json.dumps(sacct_steps(job_id), indent=1))
+    return job_id, batch_log, out, steps
 
-    # Each role ran on its own node, in both attempts (Slurm's accounting says where each step ran).
-    time.sleep(2)
-    steps = sacct_steps(job_id)
+
+def test_tasks_cannot_run_scontrol_and_the_job_still_runs(preempted):
+    """Each role's task, in both attempts, found no Slurm client (asserted inside the task, by slurm/bare_task.sh,
+    which fails the task if `scontrol` runs) and the job completed: nothing in a role needs Slurm's client."""
+    job_id, batch_log, out, _ = preempted
+    logs = out / "logs"
+    refused = "no Slurm client here: scontrol:"
+    trainer = [line for line in (logs / "trainer.log").read_text().splitlines() if refused in line]
+    assert len(trainer) == 2 * 4, trainer  # 4 ranks x 2 attempts
+    assert {line.split("[bare task ")[1].split("]")[0] for line in trainer} == \
+        {"topdn1 rank 0", "topdn1 rank 1", "topdn2 rank 2", "topdn2 rank 3"}
+    for role, node in (("student", "topdn3"), ("teacher", "topdn4")):
+        lines = [line for line in (logs / f"{role}.log").read_text().splitlines() if refused in line]
+        assert len(lines) == 2 and all(f"[bare task {node} " in line for line in lines), lines
+    assert sum(refused in line for line in batch_log.read_text().splitlines()) == 2  # the plan step, per attempt
+    assert "Permission denied" in trainer[0]
+
+
+def test_sbatch_job_on_namespaced_nodes_is_preempted_requeued_and_resumes(preempted, reference):
+    job_id, batch_log, out, steps = preempted
+    ref_out = reference[0]
     by_name: dict[str, set] = {}
     for s in steps:
         by_name.setdefault(s["name"], set()).add(s["nodes"])
-    assert by_name["trainer"] == {"n1"} and by_name["student"] == {"n2"} and by_name["teacher"] == {"n3"}, steps
-    assert sum(s["name"] == "trainer" for s in steps) == 2, "one trainer step per attempt"
+    assert by_name["trainer"] == {"topdn[1-2]"} and by_name["student"] == {"topdn3"} and \
+        by_name["teacher"] == {"topdn4"}, steps
     log = batch_log.read_text()
     assert "attempt " + job_id + ".0" in log and "attempt " + job_id + ".1" in log and "requeueing" in log
-    # The trainer reached the servers by node name; weight sync through trainer node n1.
-    saved = (out / "config.yaml").read_text()
-    assert "http://n2:" in saved and "http://n3:" in saved and "sync_master_address: n1" in saved
-    assert "127.0.0.1" not in saved.split("rollout:")[1].split("topd:")[0].replace("host: 127.0.0.1", "")
+    # The trainer reached the servers at their addresses on topd0; weight sync from trainer rank 0 on topdn1.
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert [host_of(u) for u in saved["rollout"]["urls"]] == ["10.78.0.13"]
+    assert [host_of(u) for u in saved["teacher"]["urls"]] == ["10.78.0.14"]
+    assert saved["rollout"]["sync_method"] == "distributed" and saved["rollout"]["sync_master_address"] == "10.78.0.11"
+    assert saved["parallel"]["tensor_parallel"] == 2 and saved["launch"]["trainer_nodes"] == 2
     # The resumed run equals the uninterrupted one: steps, checkpoints, rollout files, metrics lines (and values).
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert [r["step"] for r in metrics(out)] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == \
-        sorted(p.name for p in (ref_out / "checkpoints").glob("step_*")) == ["step_00000003"]
+        sorted(p.name for p in (ref_out / "checkpoints").glob("step_*")) == ["step_00000002"]
     assert sorted(p.name for p in (out / "rollouts").iterdir()) == sorted(p.name for p in (ref_out / "rollouts").iterdir())
-    for name in ("step_00000000.jsonl", "step_00000001.jsonl", "step_00000002.jsonl"):
+    for name in ("step_00000000.jsonl", "step_00000001.jsonl"):
         assert len((out / "rollouts" / name).read_text().splitlines()) == 4  # 2 prompts x 2 samples, none doubled
     records = [json.loads(line) for line in (out / "rollouts" / "step_00000001.jsonl").read_text().splitlines()]
     assert {r["weight_version"] for r in records} == {"1"}, "resumed servers were re-synced to the step-1 weights"
@@ -156,6 +207,68 @@ def test_sbatch_job_split_into_roles_is_preempted_requeued_and_resumes(cluster, 
     assert [sorted(r) for r in reduced(metrics(out))] == [sorted(r) for r in reduced(metrics(ref_out))]
     ref_records = [json.loads(line) for line in (ref_out / "rollouts" / "step_00000001.jsonl").read_text().splitlines()]
     assert [r["prompt_ids"] for r in records] == [r["prompt_ids"] for r in ref_records]
+    nothing_left_on_any_node()
+
+
+def test_student_server_that_never_becomes_healthy_fails_the_job_fast(cluster, assets, tmp_path):
+    """A corrupt student shard: the student's SGLang exits while loading, never healthy. The job must end FAILED
+    within 2 minutes of its submission (not after launch.endpoint_timeout_s = 900 s), the trainer's error naming the
+    role, the node and the last lines of the server's log; nothing of the job stays on any node."""
+    broken = tmp_path / "student_hf_broken"
+    shutil.copytree(assets["student_hf"], broken)
+    for shard in broken.glob("*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated: the header promises tensors the file lacks
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    job_id, batch_log = submit(tmp_path, [*common_overrides(assets, out), f"rollout.model_path={broken}"])
+    debug = lambda: slurm_debug(job_id, batch_log, out)  # noqa: E731
+    try:
+        wait_until(lambda: job_field(job_id, "JobState") in ENDED, 120, "the job to end", on_timeout=debug)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    seconds = time.monotonic() - t0
+    assert job_field(job_id, "JobState") == "FAILED" and seconds < 120, (seconds, debug())
+    trainer = (out / "logs" / "trainer.log").read_text()
+    assert "student server topdn3-0 on node topdn3 failed" in trainer, debug()
+    sglang_logs = sorted((out / "logs" / "sglang").glob("sglang-topdn3-*.log"))
+    assert sglang_logs and f"log: {sglang_logs[0]}" in trainer
+    last = [line for line in sglang_logs[0].read_text().splitlines() if line.strip()][-1]
+    assert "--- last lines of its log ---" in trainer and last[:200] in trainer
+    assert not (out / "metrics.jsonl").exists()
+    nothing_left_on_any_node()
+
+
+def trainer_ranks_on(node: str) -> list[int]:
+    pids = subprocess.run(["ip", "netns", "pids", f"topdsl-{node}"], capture_output=True, text=True).stdout.split()
+    out = []
+    for pid in pids:
+        try:
+            if b"megatron_topd.launch.trainer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(int(pid))
+        except OSError:
+            continue
+    return out
+
+
+def test_a_killed_trainer_rank_fails_the_job_and_leaves_nothing(cluster, assets, tmp_path):
+    """SIGKILL to trainer rank 3 (on topdn2) once step 1 trains: the job ends FAILED and no process of it is left in
+    any node's namespace (servers and the other ranks included) within 60 s."""
+    out = tmp_path / "run"
+    job_id, batch_log = submit(tmp_path, common_overrides(assets, out))
+    debug = lambda: slurm_debug(job_id, batch_log, out)  # noqa: E731
+    try:
+        wait_until(lambda: (out / "rollouts" / "step_00000000.jsonl").exists(), 300, "step 1's rollouts",
+                   on_timeout=debug)
+        victims = trainer_ranks_on("topdn2")
+        assert len(victims) == 2, victims
+        os.kill(max(victims), 9)
+        t0 = time.monotonic()
+        wait_until(lambda: job_field(job_id, "JobState") in ENDED, 60, "the job to end", on_timeout=debug)
+        assert job_field(job_id, "JobState") == "FAILED", debug()
+        nothing_left_on_any_node(timeout_s=max(1.0, 60 - (time.monotonic() - t0)))
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    assert json.loads((out / "endpoints" / "trainer.exit").read_text())["code"] != 0
 
 
 def test_failing_trainer_makes_the_experiment_fail(cluster, assets, tmp_path, reference):

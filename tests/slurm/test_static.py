@@ -1,4 +1,4 @@
-"""Static checks of the sbatch scripts and the rendered 70B/8B plans (no cluster, no GPU)."""
+"""Static checks of the sbatch scripts and the rendered 70B/8B plans (no cluster, no GPU, no root: always run)."""
 from __future__ import annotations
 
 import json
@@ -39,7 +39,7 @@ def plan(config: str, nodelist: str, *overrides: str, servers: bool = True):
     ("examples/topd_70b.yaml", "gpu[001-017]", {"trainer": 8, "student": 8, "teacher": 1, "per_node": 1, "ranks": 64}),
     ("examples/topd_8b.yaml", "gpu[101-104]", {"trainer": 2, "student": 1, "teacher": 1, "per_node": 4, "ranks": 16}),
 ])
-def test_rendered_plan_splits_nodes_and_binds_routable_addresses(cluster, config, nodes, split):
+def test_rendered_plan_splits_nodes_and_binds_routable_addresses(config, nodes, split):
     out = plan(config, nodes)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in out.stdout.splitlines()]
@@ -53,9 +53,9 @@ def test_rendered_plan_splits_nodes_and_binds_routable_addresses(cluster, config
     assert not (set(trainer["nodes"]) & student_nodes) and not (student_nodes & teacher_nodes)
     assert not (set(trainer["nodes"]) & teacher_nodes)
     assert sum(s["role"] == "student" for s in servers) == split["student"] * split["per_node"]
-    for s in servers:  # each server binds its own node's name, never a loopback address
-        host = s["command"][s["command"].index("--host") + 1]
-        assert host == s["node"] and host not in ("127.0.0.1", "localhost", "0.0.0.0")
+    for s in servers:  # each server binds every interface of its node and is reached at the node's name
+        assert s["command"][s["command"].index("--host") + 1] == "0.0.0.0"
+        assert s["host"] == s["node"] and s["host"] not in ("127.0.0.1", "localhost", "0.0.0.0")
         assert s["command"][0] == "python3"  # the SGLang image's interpreter, not a local venv
     gpu_ids = sorted(int(s["command"][s["command"].index("--base-gpu-id") + 1]) for s in servers
                      if s["role"] == "student" and s["node"] == sorted(student_nodes)[0])
@@ -64,7 +64,7 @@ def test_rendered_plan_splits_nodes_and_binds_routable_addresses(cluster, config
     assert trainer["sync_master_address"] == trainer["nodes"][0] and not trainer["loopback_servers"]
 
 
-def test_dryrun_of_topd_70b_sh_places_each_role_on_its_nodes(cluster):
+def test_dryrun_of_topd_70b_sh_places_each_role_on_its_nodes():
     env = {**os.environ, "TOPD_DRYRUN": "1", "SLURM_JOB_NODELIST": "gpu[001-017]", "SLURM_JOB_ID": "4242",
            "SLURM_SUBMIT_DIR": str(REPO), "TRAINER_IMAGE": "/images/trainer.sqsh",
            "SGLANG_IMAGE": "nvcr.io#nvidia/sglang:25.10-py3", "TRAINER_PYTHON": str(TRAINER_PYTHON)}
@@ -75,15 +75,27 @@ def test_dryrun_of_topd_70b_sh_places_each_role_on_its_nodes(cluster):
         if line.startswith("srun"):
             args = shlex.split(line)
             sruns[next(a for a in args if a.startswith("--job-name=")).split("=", 1)[1]] = args
-    assert set(sruns) == {"student", "teacher", "trainer"}
+    assert set(sruns) == {"plan", "student", "teacher", "trainer"}
     assert "--nodelist=" + ",".join(f"gpu{i:03d}" for i in range(9, 17)) in sruns["student"]
     assert "--nodelist=gpu017" in sruns["teacher"]
     assert "--nodelist=" + ",".join(f"gpu{i:03d}" for i in range(1, 9)) in sruns["trainer"]
     assert "--ntasks=64" in sruns["trainer"] and "--container-image=/images/trainer.sqsh" in sruns["trainer"]
     assert "--container-image=nvcr.io#nvidia/sglang:25.10-py3" in sruns["student"]
     assert any(a.startswith("--export=ALL,MASTER_ADDR=gpu001,") for a in sruns["trainer"])
+    assert "--nodelist=gpu001" in sruns["plan"]  # the batch script found the first node without Slurm's client
 
-def test_missing_fields_are_named_before_anything_starts(cluster):
+
+@pytest.mark.parametrize("nodelist,first", [("n[08-11],gpu1", "n08"), ("gpu7,n[1-2]", "gpu7"), ("solo", "solo"),
+                                            ("rack[2-3]-n[01-02]", "rack2-n01"), ("a[1,3]", "a1")])
+def test_job_sh_first_node_without_slurm(nodelist, first):
+    """slurm/job.sh places the plan on the list's first node with shell code alone (no scontrol needed)."""
+    body = (REPO / "slurm" / "job.sh").read_text()
+    func = body[body.index("first_node() {"):body.index("first_node=$(")]
+    out = subprocess.run(["bash", "-c", func + 'first_node "$1"', "x", nodelist], capture_output=True, text=True)
+    assert out.stdout.strip() == first, out.stderr
+
+
+def test_missing_fields_are_named_before_anything_starts():
     out = plan("examples/topd_70b.yaml", "gpu[001-017]", "teacher.hf_path=", servers=False)
     assert out.returncode != 0 and "teacher.hf_path is empty" in out.stderr
     out = plan("examples/topd_70b.yaml", "gpu[001-016]", servers=False)
