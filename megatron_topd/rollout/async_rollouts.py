@@ -19,7 +19,6 @@ bound to one event loop); every collective stays on the main thread.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_topd.rollout.client import ROLLOUT_PRIORITY
 from megatron_topd.rollout.config import windows_ahead
-from megatron_topd.rollout.step_batch import StepBatch
+from megatron_topd.rollout.step_batch import StepBatch, broadcast_step_batch
 
 
 def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=None):
@@ -55,10 +54,10 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=N
     records = records_from_generations([p.index for p in prompts], [p.ids for p in prompts], gens)
     write_records(out / "rollouts" / f"step_{step:08d}.jsonl", records, vocab_size=vocab)
     versions = [r.weight_version for r in records]
-    return StepBatch([r.prompt_ids for r in records], [r.response_ids for r in records],
-                     [r.response_logprobs for r in records], [r.finish_reason for r in records],
-                     versions, dataset_state, teacher=teacher_rows, staleness=staleness(step, versions),
-                     servers=[g.server for row in gens for g in row])  # record order: prompt-major
+    return StepBatch.from_rows([r.prompt_ids for r in records], [r.response_ids for r in records],
+                               [r.response_logprobs for r in records], [r.finish_reason for r in records],
+                               versions, dataset_state, teacher=teacher_rows, staleness=staleness(step, versions),
+                               servers=[g.server for row in gens for g in row])  # record order: prompt-major
 
 
 async def _generate_and_score(client, scorer, prompts: list[list[int]], params, priority=None):
@@ -161,16 +160,13 @@ class _Failed:
 
 
 def _share(payload):
-    """Rank 0's batch on every rank, but a remote teacher's top-k scores stay on rank 0: only the last pipeline
-    stages use them, and they are the batch's bulk (train/dealing.py sends them there)."""
-    teacher = getattr(payload, "teacher", None)
-    if teacher is not None:
-        payload = dataclasses.replace(payload, teacher=None, has_teacher_scores=True)
-    box = [payload]
-    dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], _Failed):
-        raise RuntimeError(f"rollout generation failed on rank 0 ({box[0].message})")
-    if teacher is not None:
-        box[0].teacher = teacher
-    return box[0]
+    """Rank 0's batch on every rank, as tensors (rollout/step_batch.py); a remote teacher's top-k scores stay on
+    rank 0: only the last pipeline stages use them, and they are the batch's bulk (train/dealing.py sends them
+    there). A failure on rank 0 is raised on every rank."""
+    from megatron_topd.parallel import broadcast_object
+
+    error = broadcast_object(payload.message if isinstance(payload, _Failed) else None)
+    if error is not None:
+        raise RuntimeError(f"rollout generation failed on rank 0 ({error})")
+    return broadcast_step_batch(payload if dist.get_rank() == 0 else None)
 

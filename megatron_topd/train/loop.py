@@ -97,15 +97,13 @@ def generate_rollouts(run: Run, step: int) -> StepBatch:
 def replica_rows(batch: StepBatch, layout) -> RolloutRows:
     """This data-parallel replica's rollouts: rows dealt longest-first to the replica with the fewest tokens. A
     remote teacher's scores (on rank 0 only) go to the replica's last pipeline stage alone (train/dealing.py)."""
-    replicas = deal_rows([len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)],
-                         layout.data_parallel)
+    replicas = deal_rows(batch.row_lengths(), layout.data_parallel)
     mine = replicas[layout.dp_rank]
     if not mine:
-        raise ValueError(f"{len(batch.prompt_ids)} rollouts leave data-parallel replica {layout.dp_rank} empty: "
+        raise ValueError(f"{len(batch)} rollouts leave data-parallel replica {layout.dp_rank} empty: "
                          "make train.prompts_per_step * rollout.n_samples at least the data-parallel size")
     teacher = to_last_stage(batch.teacher, replicas, layout) if batch.has_teacher_scores else None
-    return RolloutRows([batch.prompt_ids[i] for i in mine], [batch.response_ids[i] for i in mine],
-                       [batch.response_logprobs[i] for i in mine], teacher,
+    return RolloutRows(*batch.rows(mine), teacher,
                        servers=None if batch.servers is None else [batch.servers[i] for i in mine])
 
 

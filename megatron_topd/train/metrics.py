@@ -129,7 +129,7 @@ def step_metrics(result, stats, batch, probe, timings: dict, step_s: float) -> d
 
     s = result.metrics
     tokens = max(s.get("tokens", 0.0), 1.0)
-    lengths = [len(r) for r in batch.response_ids]
+    lengths = batch.response_lengths.tolist()
     versions = batch.weight_versions
     return {
         "loss": result.loss, "opd_loss": s["opd_loss"], "traj_loss": s["traj_loss"], "grad_norm": result.grad_norm,
@@ -145,6 +145,7 @@ def step_metrics(result, stats, batch, probe, timings: dict, step_s: float) -> d
         "peak_mem_gb": peak_memory_gb(),
         "rollout_weight_version": max((float(v) for v in versions if v.isdigit()), default=-1.0),
         "rollout_staleness": batch.staleness,
+        "step_batch_mb": batch.nbytes / 2**20,  # the rollouts' tensors every rank received
     }
 
 

@@ -152,7 +152,7 @@ def parallel_step(root: str, tp: int, pp: int, out_root: str, **knobs) -> dict:
     load_model_weights(f"{root}/teacher/step_00000000", [teacher_model])
     teacher = ColocatedTeacher([teacher_model])
     d = data()
-    batch = StepBatch(d["prompts"], d["responses"], d["logprobs"], ["stop"] * 6, ["0"] * 6, {})
+    batch = StepBatch.from_rows(d["prompts"], d["responses"], d["logprobs"], ["stop"] * 6, ["0"] * 6, {})
     rows = replica_rows(batch, layout)
     mine = [d["prompts"].index(p) for p in rows.prompts]  # prompts are distinct
     out = {}

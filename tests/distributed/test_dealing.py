@@ -28,9 +28,10 @@ def _on_rank(tp: int, pp: int):
 
     layout = initialize(tensor_parallel=tp, pipeline_parallel=pp)
     rank0 = dist.get_rank() == 0
-    batch = StepBatch([[7] * p for p, _ in LENGTHS], [[8] * r for _, r in LENGTHS], [[-0.5] * r for _, r in LENGTHS],
-                      ["stop"] * len(LENGTHS), ["1"] * len(LENGTHS), {},
-                      teacher=[_scores(i) for i in range(len(LENGTHS))] if rank0 else None, has_teacher_scores=True)
+    batch = StepBatch.from_rows([[7] * p for p, _ in LENGTHS], [[8] * r for _, r in LENGTHS],
+                                [[-0.5] * r for _, r in LENGTHS], ["stop"] * len(LENGTHS), ["1"] * len(LENGTHS), {},
+                                teacher=[_scores(i) for i in range(len(LENGTHS))] if rank0 else None,
+                                has_teacher_scores=True)
     rows = replica_rows(batch, layout)
     return {"dp": layout.dp_rank, "last": layout.is_last_stage, "tp": layout.tp_rank,
             "lengths": rows.lengths(), "teacher": rows.teacher}

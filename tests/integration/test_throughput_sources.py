@@ -7,7 +7,6 @@ mean identical losses. The server itself is not bitwise reproducible: its log-pr
 concurrent requests, and seeded sampling needs SGLang's deterministic mode (on CPU through our shims, a separate server:
 tests/integration/test_rollout_determinism.py), hence greedy decoding and a 1e-4 tolerance on log-probs only."""
 import json
-from dataclasses import asdict
 
 import pytest
 
@@ -49,7 +48,14 @@ def _three_ways(url, model_dir, prompts, out):
         results.setdefault("prefetching_after", []).append(asyn._thread is not None)
     asyn.settle()
     results["async"] = batches
-    return {k: [asdict(b) if not isinstance(b, bool) else b for b in v] for k, v in results.items()}
+    return {k: [_as_lists(b) if not isinstance(b, bool) else b for b in v] for k, v in results.items()}
+
+
+def _as_lists(batch) -> dict:
+    prompts, responses, logprobs = batch.rows(range(len(batch)))
+    return {"prompt_ids": prompts, "response_ids": responses, "response_logprobs": logprobs,
+            "finish_reasons": batch.finish_reasons, "weight_versions": batch.weight_versions,
+            "dataset_state": batch.dataset_state, "servers": batch.servers}
 
 
 def _reference(rollout_target, prompts_path) -> list[dict]:
