@@ -9,6 +9,7 @@ and stops them when the run ends, however it ends.
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,6 +67,9 @@ def set_up(cfg: Config) -> Iterator[Run]:
     from megatron_topd.rollout.async_rollouts import make_rollout_source
     from megatron_topd.rollout.weight_sync import make_weight_sync
 
+    # Microbatches vary in shape (token budget, guidance rows): without expandable segments the caching allocator
+    # fragments into blocks no later shape fits. Set before anything touches CUDA; a user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     cfg.validate()
     cfg.parallel.check_machine()
     guidance_layout(cfg)  # shared_prefix asked for with TE layers: refused before anything starts
