@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                             address=published_address(lc, nodes[index]))
     print(f"[{args.role} {endpoints.node_name()}] starting {len(specs)} server(s): "
           + "; ".join(" ".join(s.server.command()) for s in specs), flush=True)
+    grace_s = 20.0
     try:
         for s in specs:
             s.server.start()
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             code = endpoints.read_exit(root)
             if code is not None:
                 print(f"[{args.role} {endpoints.node_name()}] trainer exited with {code}: stopping", flush=True)
+                grace_s = 5.0  # nothing more to serve: SGLang's graceful shutdown (7-15 s on a CPU) is not needed
                 return code
             for s in specs:
                 if not s.server.is_running():
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
     finally:
         for s in specs:
-            s.server.stop(timeout_s=20)
+            s.server.stop(timeout_s=grace_s)
 
 
 if __name__ == "__main__":

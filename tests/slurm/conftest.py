@@ -49,13 +49,13 @@ def require(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.fail(f"{', '.join(missing)} not installed: run `make setup-slurm` (apt: Slurm, munge, slurmdbd, "
-                    "MariaDB, shellcheck)")
+                    "MariaDB, shellcheck, iproute2, util-linux)")
 
 
 @pytest.fixture(scope="package")
 def cluster(tmp_path_factory):
     """SLURM_CONF of a running local cluster (also exported into os.environ for the package's tests)."""
-    require("slurmctld", "slurmd", "slurmdbd", "mariadbd", "munged", "sbatch", "sacct")
+    require("slurmctld", "slurmd", "slurmdbd", "mariadbd", "munged", "sbatch", "sacct", "ip", "nsenter", "unshare")
     # Not under pytest's private tmp folder: MariaDB runs as user mysql and must reach its data folder.
     state = Path(tempfile.mkdtemp(prefix="topd-slurm-"))
     script = REPO / "scripts" / "slurm_local.sh"
