@@ -8,7 +8,8 @@
 #    (default gpu_wheels/, gitignored) into $GPU_SITE (default /tmp/gpu_site, kept while the machine stays warm):
 #    megatron-core, POT, Transformer Engine (its core wheel, whole or as split .part-* files, its Python wheel, and
 #    transformer_engine_torch as a wheel or built here from its sdist for sm_90). Each install is timed in
-#    $OUT/install.tsv; what is missing is said, with the file it needs. Nothing is installed without CUDA.
+#    $OUT/install.tsv (then in setup.json); what is missing is said, with the file it needs. Nothing is installed
+#    without CUDA.
 # 2. Runs each stage of scripts/gpu_acceptance.py under its own `timeout`, one JSON per stage in $OUT (default
 #    gpu_out/): status ok | failed | skipped, and a reason. Without CUDA every stage is skipped ("needs CUDA") and
 #    the script exits 0 (the dry run of tests/unit/test_gpu_acceptance_dryrun.py). Exit 1 if a stage failed.
@@ -110,6 +111,7 @@ core=${core:-none} python=${meta:-none} torch_ext=${torchext:-${sdist:-none}}" 0
 }
 
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OUT GPU_WHEELS="$WHEELS"
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # as the trainer sets it
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
   mkdir -p "$SITE"
   install_wheel megatron_core megatron.core 'megatron_core-*.whl'
@@ -134,5 +136,7 @@ for stage in $STAGES; do
   fi
   [ "$rc" = 0 ] || status=1
 done
+# setup.json holds install.tsv's rows: drop the file (a device call brings back 8 files at most)
+case " $STAGES " in *" setup "*) [ -f "$OUT/setup.json" ] && rm -f "$OUT/install.tsv" ;; esac
 say "results in $OUT: $(cd "$OUT" && ls *.json | tr '\n' ' ')"
 exit $status
