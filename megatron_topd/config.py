@@ -98,10 +98,17 @@ class TeacherConfig:
     top_k: int = 64  # topk: top-k log-probs per position (also the guidance windows' top-k under topk / sampled)
     precision: PrecisionConfig | None = None  # co-located: its own precision; null = the student's dtype, no FP8
     urls: list[str] = field(default_factory=list)  # running teacher SGLang servers; when set rank 0 launches none
+    # auto (same when the vocabularies match, cross otherwise) | same | cross (a remote teacher with its own
+    # tokenizer, teacher.kl=sampled: docs/remote_teacher.md "Teachers with another tokenizer")
+    tokenizer: str = "auto"
 
     def validate(self) -> None:
         if self.placement not in TEACHER_PLACEMENTS:
             raise ValueError(f"teacher.placement={self.placement!r}: use {' or '.join(TEACHER_PLACEMENTS)}")
+        if self.tokenizer not in TEACHER_TOKENIZERS:
+            raise ValueError(f"teacher.tokenizer={self.tokenizer!r}: use one of {', '.join(TEACHER_TOKENIZERS)}")
+        if self.tokenizer == "cross":
+            check_cross_tokenizer(self.placement, self.kl, "teacher.tokenizer=cross")
         if self.top_k < 1:
             raise ValueError(f"teacher.top_k={self.top_k} must be >= 1")
         if self.kl not in KL_ESTIMATORS:
@@ -117,6 +124,33 @@ class TeacherConfig:
         for i, url in enumerate(self.urls):
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise ValueError(f"teacher.urls[{i}]={url!r}: use a full URL such as http://node07:30000")
+
+
+TEACHER_TOKENIZERS = ("auto", "same", "cross")  # topd/cross_tokenizer.py's TOKENIZER_MODES (a layer above)
+
+
+def check_cross_tokenizer(placement: str, kl: str, why: str) -> None:
+    """A teacher with another tokenizer: remote and scored by the sampled-token estimator only (its distribution is
+    over another vocabulary, so there is no top-k or full KL against the student's). ``why`` says what made it cross."""
+    if placement != "remote":
+        raise ValueError(f"{why} needs teacher.placement=remote (a co-located teacher shares the student's "
+                         "vocabulary and layout); serve the teacher on SGLang: teacher.placement=remote, "
+                         "teacher.kl=sampled")
+    if kl != "sampled":
+        raise ValueError(f"{why} needs teacher.kl=sampled, not {kl}: top-k and full KL compare distributions over "
+                         "one shared vocabulary, which a teacher with another tokenizer does not have")
+
+
+def check_cross_tokenizer_variant(variant: str, eval_teacher: bool, why: str) -> None:
+    """What the loop does not do across tokenizers yet: TOPD's probe (the teacher continuing the student's prefixes
+    in its own tokenizer, OT between the two windows, guidance targets in the student's tokens), and the teacher's
+    held-out evaluation (it would be fed the student's prompt ids)."""
+    if variant != "opd":
+        raise ValueError(f"{why} with topd.variant={variant}: the probe for a teacher with another tokenizer (its "
+                         "windows re-tokenized for OT and guidance) is not built yet; use topd.variant=opd")
+    if eval_teacher:
+        raise ValueError(f"{why} with eval.teacher=true: the teacher's held-out evaluation feeds it the student's "
+                         "prompt ids, which mean other strings to it; set eval.teacher=false")
 
 
 PROMPT_OVERFLOW = ("error", "skip")
@@ -212,11 +246,15 @@ class Config:
                 spec.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel,
                               first_stage_layers=self.parallel.first_stage_layers,
                               last_stage_layers=self.parallel.last_stage_layers)
-        if self.student and self.teacher_spec and self.student.vocab_size != self.teacher_spec.vocab_size:
+        if self.teacher.tokenizer == "cross":
+            check_cross_tokenizer_variant(self.topd.variant, self.eval.enabled and self.eval.teacher,
+                                          "teacher.tokenizer=cross")
+        elif self.student and self.teacher_spec and self.student.vocab_size != self.teacher_spec.vocab_size:
             raise ValueError(
                 f"student.vocab_size={self.student.vocab_size} != teacher_spec.vocab_size="
                 f"{self.teacher_spec.vocab_size}: on-policy distillation needs one shared tokenizer; "
-                "pick a student and teacher of the same tokenizer family"
+                "pick a student and teacher of the same tokenizer family, or serve the teacher remotely with "
+                "teacher.tokenizer=cross (teacher.placement=remote, teacher.kl=sampled, topd.variant=opd)"
             )
         return self
 
