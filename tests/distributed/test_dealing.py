@@ -2,7 +2,6 @@
 `replica_rows` gives each data-parallel replica its rows and sends their scores to that replica's last pipeline stage
 (all of its TP ranks); every other rank gets None. Checked at (TP, PP, DP) = (2, 1, 2), (1, 2, 2), (2, 2, 1),
 (1, 1, 4) on 4 gloo ranks, against the single-process dealing; the dealing itself against hand values."""
-import pytest
 import torch
 
 from megatron_topd.parallel.spawn import run_on_ranks
@@ -45,21 +44,30 @@ def test_deal_rows_longest_first_to_the_lightest_replica():
     assert sorted(i for part in deal_rows(lengths, 3) for i in part) == list(range(7))
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2), (1, 1)])
-def test_remote_scores_reach_only_each_replicas_last_stage(tp, pp):
-    results = run_on_ranks(_on_rank, 4, tp, pp, timeout=240)
-    dp = 4 // (tp * pp)
+LAYOUTS = [(2, 1), (1, 2), (2, 2), (1, 1)]  # (TP, PP) on 4 ranks; DP is the rest
+
+
+def _every_layout():
+    """All layouts in one spawn (`initialize` rebuilds Megatron's groups for each): one rank start-up, not four."""
+    return {layout: _on_rank(*layout) for layout in LAYOUTS}
+
+
+def test_remote_scores_reach_only_each_replicas_last_stage():
+    per_rank = run_on_ranks(_every_layout, 4, timeout=300)
     lengths = [p + r for p, r in LENGTHS]
-    replicas = deal_rows(lengths, dp)
-    for r in results:
-        mine = replicas[r["dp"]]
-        assert r["lengths"] == [lengths[i] for i in mine]
-        if not r["last"]:
-            assert r["teacher"] is None, "a rank that computes no loss holds no teacher scores"
-            continue
-        assert r["teacher"] is not None and len(r["teacher"]) == len(mine)
-        for got, i in zip(r["teacher"], mine):
-            want = _scores(i)
-            assert got.keys() == want.keys()
-            assert all(torch.equal(got[k], want[k]) for k in want)
-    assert sum(r["last"] for r in results) == 4 // pp
+    for tp, pp in LAYOUTS:
+        results = [r[(tp, pp)] for r in per_rank]
+        dp = 4 // (tp * pp)
+        replicas = deal_rows(lengths, dp)
+        for r in results:
+            mine = replicas[r["dp"]]
+            assert r["lengths"] == [lengths[i] for i in mine], (tp, pp)
+            if not r["last"]:
+                assert r["teacher"] is None, "a rank that computes no loss holds no teacher scores"
+                continue
+            assert r["teacher"] is not None and len(r["teacher"]) == len(mine)
+            for got, i in zip(r["teacher"], mine):
+                want = _scores(i)
+                assert got.keys() == want.keys()
+                assert all(torch.equal(got[k], want[k]) for k in want)
+        assert sum(r["last"] for r in results) == 4 // pp, (tp, pp)
