@@ -38,6 +38,10 @@ class LaunchConfig:
     # group, and the address servers publish and the weight-sync master gives is that interface's IPv4 address.
     network_interface: str = ""
     server_bind: str = "0.0.0.0"  # the address SGLang servers bind (default: every interface of their node)
+    # The plan step asks the memory planner (megatron_topd/plan) whether the trainer's layout fits GPUs of this size
+    # and refuses a job it says does not fit, naming the stage and the largest terms; force=true launches anyway.
+    gpu_mem_gb: float = 80.0
+    force: bool = False
 
     def validate(self) -> "LaunchConfig":
         for name in ("trainer_nodes", "tasks_per_node", "student_servers_per_node", "teacher_nodes_per_server"):
@@ -54,6 +58,9 @@ class LaunchConfig:
         checks.number_in("launch", "endpoint_timeout_s", self.endpoint_timeout_s, 0.0, float("inf"), lo_open=True)
         checks.int_in("launch", "master_port", self.master_port, 0, 65535)
         checks.int_in("launch", "dist_init_port", self.dist_init_port, 0, 65535)
+        checks.number_in("launch", "gpu_mem_gb", self.gpu_mem_gb, 0.0, float("inf"), lo_open=True)
+        if not isinstance(self.force, bool):
+            raise ValueError(f"launch.force={self.force!r} must be true or false")
         return self
 
     @property

@@ -50,6 +50,47 @@ def check_role_split(cfg) -> None:
                          "one trainer rank per GPU")
 
 
+def check_memory(cfg) -> str:
+    """The planner's verdict on the trainer's layout, before any node starts: raises when it says the layout does
+    not fit (naming the stage and its largest terms) unless launch.force; returns what was judged, or why nothing
+    was (a CPU job; model specs not readable from the config or the checkpoints)."""
+    from pathlib import Path
+
+    from megatron_topd.plan import predict_memory
+    from megatron_topd.plan.fixtures import load_spec
+
+    lc = cfg.launch
+    if not lc.gpus_per_node:
+        return "memory not judged: launch.gpus_per_node=0 (a CPU job)"
+
+    def spec(inline, checkpoint: str, hf_path: str):
+        if inline is not None:
+            return inline
+        for path in (checkpoint, hf_path):
+            if path and Path(path).exists():
+                return load_spec(path)
+        return None
+
+    student = spec(cfg.student, cfg.train.student_checkpoint, cfg.train.student_hf_path)
+    colocated = cfg.teacher.placement == "colocated"
+    teacher = spec(cfg.teacher_spec, cfg.teacher.checkpoint, cfg.teacher.hf_path) if colocated else None
+    if student is None or (colocated and teacher is None):
+        return ("memory not judged: no model spec (student:/teacher_spec: in the config, or the checkpoints' "
+                "model_spec.yaml) is readable here")
+    world = lc.trainer_nodes * lc.tasks_per_node
+    plan = predict_memory(cfg, student, teacher, gpu_mem_gb=lc.gpu_mem_gb, profile="te_flash",
+                          data_parallel=world // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
+    verdict = (f"planner: {plan.layout.short()} peaks at {plan.peak_bytes / 1e9:.1f} GB of {lc.gpu_mem_gb:.0f} GB "
+               "per GPU")
+    if not plan.fits:
+        if not lc.force:
+            raise ValueError(f"the memory planner says this layout does not fit: {plan.why_not()}. Change the "
+                             "layout (python tools/plan_layout.py --config ... proposes one that fits) or set "
+                             "launch.force=true to launch anyway")
+        verdict += f" (does NOT fit: {plan.why_not()}; launched anyway, launch.force=true)"
+    return verdict
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -65,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_role_split(cfg)
+    print(check_memory(cfg), file=sys.stderr)
     lc = cfg.launch
     split = role_nodes(lc, expand(args.nodelist))
     out = cfg.train.output_dir
