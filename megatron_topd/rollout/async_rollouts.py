@@ -50,7 +50,7 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=N
         gens = client.generate([p.ids for p in prompts], params, priority=priority)
     else:
         gens, teacher_rows = asyncio.run(_generate_and_score(client, scorer, [p.ids for p in prompts], params,
-                                                             priority))
+                                                             priority, rows=[p.row for p in prompts]))
     records = records_from_generations([p.index for p in prompts], [p.ids for p in prompts], gens)
     write_records(out / "rollouts" / f"step_{step:08d}.jsonl", records, vocab_size=vocab)
     versions = [r.weight_version for r in records]
@@ -60,12 +60,19 @@ def sample_step(cfg, step: int, dataset, client, out: Path, vocab: int, scorer=N
                                servers=[g.server for row in gens for g in row])  # record order: prompt-major
 
 
-async def _generate_and_score(client, scorer, prompts: list[list[int]], params, priority=None):
-    """Generation with each prompt's samples scored by the teacher as soon as they are back (record order)."""
+async def _generate_and_score(client, scorer, prompts: list[list[int]], params, priority=None, rows=None):
+    """Generation with each prompt's samples scored by the teacher as soon as they are back (record order).
+
+    A scorer that declares ``wants_sample_context`` (a cross-tokenizer teacher) also gets the samples' log-probs
+    (``student_logprobs``) and the prompt's dataset row (``prompt_row``, from ``rows``; None when not given)."""
     scored: dict[int, list[dict]] = {}
+    context = getattr(scorer, "wants_sample_context", False)
 
     async def score(i: int, gens) -> None:
-        scored[i] = await scorer.ascore_samples(prompts[i], [g.token_ids for g in gens])
+        extra = {}
+        if context:
+            extra = {"student_logprobs": [g.logprobs for g in gens], "prompt_row": rows[i] if rows else None}
+        scored[i] = await scorer.ascore_samples(prompts[i], [g.token_ids for g in gens], **extra)
 
     gens = await client.agenerate(prompts, params, on_prompt_done=score, priority=priority)
     return gens, [row for i in range(len(prompts)) for row in scored[i]]

@@ -6,7 +6,9 @@
 - ``sampled`` (remote teacher's log-prob of the sampled token only): l_t = log pi_S(y_t) - log pi_T(y_t), whose mean
   over y_t ~ pi_S is the reverse KL. Its gradient is the policy-gradient form (docs/method.md): the loss term is
   ``sg(l_t) + sg(l_t) * (log pi_S - sg(log pi_S))`` - value l_t, gradient l_t * grad log pi_S, whose expectation
-  under the student's own samples is the gradient of KL(pi_S || pi_T).
+  under the student's own samples is the gradient of KL(pi_S || pi_T). A cross-tokenizer teacher (train/teacher.py
+  `CrossTokenizerTeacher`) hands a per-student-token log-prob carrying the span-level signal and a ``mask``: tokens
+  without a teacher signal get l_t = 0, i.e. loss weight 0 (still counted in N_tokens).
 
 Every function takes logit-aligned inputs ([rows, S-1] positions predicting tokens[:, 1:]) and returns float32.
 """
@@ -48,6 +50,8 @@ def rollout_terms(logits: torch.Tensor, batch: dict, signal, *, group, vocab_siz
                                     **kw)
         return RolloutTerms(kl, kl.detach(), logp_s.detach(), logp_t, entropy)
     l_t = (logp_s - logp_t).detach()
+    if signal.get("mask") is not None:  # cross-tokenizer teacher: tokens without a signal get loss weight 0
+        l_t = torch.where(signal["mask"][:, :-1].to(dev), l_t, torch.zeros_like(l_t))
     return RolloutTerms(l_t + l_t * (logp_s - logp_s.detach()), l_t, logp_s.detach(), logp_t, entropy)
 
 

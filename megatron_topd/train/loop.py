@@ -81,7 +81,8 @@ def train_step(run: Run, step: int) -> tuple[dict, StepBatch]:
         t = time.perf_counter()
         timings.update(evaluate_heldout(run), eval_s=time.perf_counter() - t)
     metrics = step_metrics(result, stats, batch, probe, timings, time.perf_counter() - t0)   # 10. metrics
-    metrics.update(planned_peak_gb=run.planned_peak_gb, prompts_skipped=float(len(run.dataset.skipped)))
+    metrics.update(planned_peak_gb=run.planned_peak_gb, prompts_skipped=float(len(run.dataset.skipped)),
+                   **run.teacher.step_metrics(batch))  # a cross-tokenizer teacher's masked tokens and rows
     if synced_bytes is not None:
         metrics["sync_mb"] = synced_bytes / 2**20
     return metrics, batch

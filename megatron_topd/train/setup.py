@@ -177,15 +177,35 @@ def planned_peak_gb(cfg: Config, student_spec: ModelSpec, layout) -> float:
 
 
 def load_tokenizer(cfg: Config):
+    """The student's tokenizer and pad id. With `teacher.hf_path`, the teacher's tokenizer is compared with it first
+    (`teacher.tokenizer`: auto | same | cross): ``same`` on vocabularies that differ is refused, and a ``cross``
+    teacher must be one the loop can use (remote, `teacher.kl=sampled`, `topd.variant=opd`)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.train.student_hf_path)
-    if cfg.teacher.hf_path and AutoTokenizer.from_pretrained(cfg.teacher.hf_path).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"the teacher's tokenizer ({cfg.teacher.hf_path}) differs from the student's "
-                         f"({cfg.train.student_hf_path}): token ids would mean different strings; distil between "
-                         "models of one tokenizer family")
+    if cfg.teacher.hf_path:
+        teacher_tokenizer_mode(cfg, tokenizer, AutoTokenizer.from_pretrained(cfg.teacher.hf_path), cfg.teacher.hf_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
+
+
+def teacher_tokenizer_mode(cfg: Config, student_tokenizer, teacher_tokenizer, where: str) -> str:
+    """`teacher.tokenizer` resolved against the two tokenizers (topd/cross_tokenizer.py `resolve_tokenizer_mode`):
+    ``same`` or ``cross``; a ``cross`` teacher is checked against what runs across tokenizers (config.py)."""
+    from megatron_topd.config import check_cross_tokenizer, check_cross_tokenizer_variant
+    from megatron_topd.topd.cross_tokenizer import resolve_tokenizer_mode, tokenizer_relation
+
+    try:
+        mode = resolve_tokenizer_mode(cfg.teacher.tokenizer, student_tokenizer, teacher_tokenizer)
+    except ValueError as exc:
+        raise ValueError(f"the teacher's tokenizer ({where}) vs the student's ({cfg.train.student_hf_path}): {exc}") from None
+    if mode == "cross" and cfg.teacher.tokenizer != "cross":  # detected (auto): the config was not checked for it
+        reason = tokenizer_relation(student_tokenizer, teacher_tokenizer).reason
+        why = (f"a teacher whose tokenizer ({where}) differs from the student's ({cfg.train.student_hf_path}: "
+               f"{reason}; teacher.tokenizer=auto detected cross)")
+        check_cross_tokenizer(cfg.teacher.placement, cfg.teacher.kl, why)
+        check_cross_tokenizer_variant(cfg.topd.variant, cfg.eval.enabled and cfg.eval.teacher, why)
+    return mode
 
 
 def prompt_dataset(cfg: Config, tokenizer):
@@ -290,24 +310,78 @@ def connect_servers(cfg: Config, servers: "LaunchedServers | None", vocab: int):
 
 
 def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
-    """The remote teacher behind `teacher.urls` (or the server rank 0 launched), after checking it speaks the
-    student's vocabulary: a teacher with another tokenizer would score different strings."""
+    """The remote teacher behind `teacher.urls` (or the server rank 0 launched), after comparing its tokenizer with
+    the student's (`teacher.tokenizer`): the same vocabulary gives a `RemoteTeacher` scoring the student's ids; another
+    one a `CrossTokenizerTeacher` (its tokenizer from `teacher.hf_path`, else the server's `tokenizer_path`) that
+    scores its own tokenization of each response (on rank 0, which alone scores; other ranks get the mode)."""
+    from transformers import AutoTokenizer
+
     from megatron_topd.rollout.weight_sync.admin import call
+    from megatron_topd.train.teacher import CrossTokenizerTeacher
 
     if cfg.teacher.kl == "topk" and cfg.teacher.top_k > vocab:
         raise ValueError(f"teacher.top_k={cfg.teacher.top_k} > the vocabulary ({vocab} tokens): use at most {vocab}")
+    # Rank 0 reads the servers and the teacher's tokenizer (it alone scores); the mode and any error reach every rank.
+    error, mode, found, teacher_tok = None, "same", None, None
     if dist.get_rank() == 0:
-        for url in client.urls:
-            try:
-                info = call(url, "/model_info", method="GET", timeout_s=cfg.rollout.connect_timeout_s + 20)
-            except Exception as exc:
-                raise ConnectionError(f"remote teacher {url} did not answer /model_info: {exc}; check teacher.urls "
-                                      "and that the server is up") from None
-            path = Path(str(info.get("tokenizer_path") or ""))
-            if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
+        try:
+            found = _teacher_tokenizer_path(cfg, client, call)  # (tokenizer folder, model folder) or None
+            if found is not None:
+                teacher_tok = AutoTokenizer.from_pretrained(found[0])
+                mode = teacher_tokenizer_mode(cfg, tokenizer, teacher_tok, found[0])
+            elif cfg.teacher.tokenizer == "cross":
+                raise ValueError("teacher.tokenizer=cross needs the teacher's tokenizer on this machine: set "
+                                 "teacher.hf_path to the teacher's HF folder (its tokenizer files are enough)")
+        except (ConnectionError, ValueError) as exc:
+            error = (type(exc).__name__, str(exc))
+    error, mode = parallel.broadcast_object((error, mode))
+    if error is not None:
+        raise (ConnectionError if error[0] == "ConnectionError" else ValueError)(error[1])
+    if mode == "same":
+        return RemoteTeacher(client, kl=cfg.teacher.kl, top_k=cfg.teacher.top_k)
+    scoring = client
+    if found is not None:  # rank 0: the teacher's ids are range-checked against the teacher's vocabulary
+        scoring = copy.copy(client)
+        scoring.vocab_size = _model_rows(found[1]) or len(teacher_tok)
+    return CrossTokenizerTeacher(scoring, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok,
+                                 top_k=cfg.teacher.top_k)
 
-                if AutoTokenizer.from_pretrained(str(path)).get_vocab() != tokenizer.get_vocab():
-                    raise ValueError(f"the remote teacher at {url} serves the tokenizer of {path}, which differs from "
-                                     f"the student's ({cfg.train.student_hf_path}): distil within one tokenizer family")
-    return RemoteTeacher(client, kl=cfg.teacher.kl, top_k=cfg.teacher.top_k)
+
+def _teacher_tokenizer_path(cfg: Config, client, call) -> tuple[str, str] | None:
+    """Every teacher URL answers /model_info; (tokenizer folder, model folder) of the teacher when readable here:
+    `teacher.hf_path` first, else the first server's `tokenizer_path`. A server whose tokenizer differs from
+    `teacher.hf_path`'s is refused (the scores would be of other tokens than the ones aligned)."""
+    from transformers import AutoTokenizer
+
+    def readable(path: Path) -> bool:
+        return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+    found = (cfg.teacher.hf_path, cfg.teacher.hf_path) if cfg.teacher.hf_path else None
+    reference = AutoTokenizer.from_pretrained(cfg.teacher.hf_path).get_vocab() if found else None
+    for url in client.urls:
+        try:
+            info = call(url, "/model_info", method="GET", timeout_s=cfg.rollout.connect_timeout_s + 20)
+        except Exception as exc:
+            raise ConnectionError(f"remote teacher {url} did not answer /model_info: {exc}; check teacher.urls "
+                                  "and that the server is up") from None
+        path = Path(str(info.get("tokenizer_path") or ""))
+        if not readable(path):
+            continue
+        served = AutoTokenizer.from_pretrained(str(path)).get_vocab()
+        if reference is None:
+            found, reference = (str(path), str(info.get("model_path") or path)), served
+        elif served != reference:
+            raise ValueError(f"the remote teacher at {url} serves the tokenizer of {path}, which differs from "
+                             f"{found[0]}'s: point teacher.hf_path and teacher.urls at one teacher")
+    return found
+
+
+def _model_rows(model_dir: str) -> int | None:
+    """The model's vocabulary rows from its config.json, when readable here."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    try:
+        return int(json.loads(path.read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -28,6 +28,9 @@ class TeacherSignal(Protocol):
     def score_guidance(self, tokens: torch.Tensor, lengths: torch.Tensor, window_start: torch.Tensor) -> list[dict] | None:
         """The same for guidance rows (their window positions)."""
 
+    def step_metrics(self, batch) -> dict:
+        """Metrics of the teacher's signal over a step's `StepBatch` (a collective where not empty)."""
+
 
 class ColocatedTeacher:
     """A frozen Megatron teacher (list of model chunks) sharing the student's layout."""
@@ -54,6 +57,9 @@ class ColocatedTeacher:
         return stash or None
 
     rollout_scorer = None  # the logits come from the forward pass, inside the schedule
+
+    def step_metrics(self, batch) -> dict:
+        return {}
 
     def score_guidance(self, tokens, lengths, window_start) -> None:
         return None
@@ -97,8 +103,13 @@ class RemoteTeacher:
             signal = {"kind": self.kl, "topk_ids": b.get("teacher_topk_ids"), "topk_logprobs": b.get("teacher_topk_logprobs")}
             if b["kind"] == "rollout":
                 signal["token_logprobs"] = b["teacher_token_logprobs"]
+                signal["mask"] = b.get("teacher_signal_mask")  # cross-tokenizer: positions with a teacher signal
             out.append(signal)
         return out
+
+    def step_metrics(self, batch) -> dict:
+        """Metrics of this teacher's scores of a step's batch (none for a same-tokenizer teacher)."""
+        return {}
 
     def score_rows(self, prompts: list[list[int]], completions: list[list[int]], *, top_k: int) -> list[dict]:
         """Per row, the teacher's data for each completion token: ``token_logprobs [R]`` and, with ``top_k``,
@@ -128,6 +139,121 @@ class RemoteTeacher:
         return self.score_rows(prefixes, windows, top_k=self.top_k)
 
 
+class CrossTokenizerTeacher(RemoteTeacher):
+    """A remote teacher whose tokenizer differs from the student's (`teacher.tokenizer: cross`, `teacher.kl:
+    sampled`; docs/remote_teacher.md "Teachers with another tokenizer", docs/method.md "Cross-tokenizer signal").
+
+    Per prompt, as its samples come back: each response is aligned with the teacher's tokenization of its text
+    (`align_responses(errors="mask")`), the teacher scores ``its prompt + Alignment.teacher_ids`` by prefill (its own
+    per-token log-probs, no top-k), and the span-level log-ratio becomes a per-student-token "teacher log-prob"
+    (`teacher_logprobs_on_student_tokens`) that the unchanged `sampled` estimator turns into the span-level signal.
+    Rows are shaped like `RemoteTeacher`'s (``token_logprobs [R]`` on the student's tokens) plus ``signal_mask [R]``
+    (False: no teacher signal - unaligned span, unaligned row, or a row longer than the teacher's context in its
+    tokens - loss weight 0) and ``aligned`` (the row could be aligned at all).
+
+    The teacher's prompt is the dataset row rendered by the teacher's tokenizer: its messages in the teacher's chat
+    template (with the generation prompt) when it has one, else their text joined by newlines, as
+    `rollout.prompts.PromptDataset` renders it for the student. Without the row (a caller that only has ids), the
+    student's prompt ids are decoded (special tokens skipped) and that text is the one user message.
+    """
+
+    wants_sample_context = True  # the rollout source passes each sample's log-probs and the prompt's dataset row
+
+    def __init__(self, client, *, student_tokenizer, teacher_tokenizer, top_k: int = 1, special_map=None):
+        from megatron_topd.topd.cross_tokenizer import default_special_map
+
+        super().__init__(client, kl="sampled", top_k=top_k)
+        self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
+        if special_map is None:  # ranks other than 0 hold no tokenizers: they never score
+            special_map = default_special_map(student_tokenizer, teacher_tokenizer) if teacher_tokenizer else {}
+        self.special_map = dict(special_map)
+
+    def with_own_client(self) -> "CrossTokenizerTeacher":
+        return CrossTokenizerTeacher(self.client.with_own_pool(), student_tokenizer=self.student_tokenizer,
+                                     teacher_tokenizer=self.teacher_tokenizer, top_k=self.top_k,
+                                     special_map=self.special_map)
+
+    def teacher_prompt(self, prompt: list[int], prompt_row: dict | None = None) -> list[int]:
+        """The prompt in the teacher's tokens (class docstring)."""
+        if prompt_row and isinstance(prompt_row.get("messages"), list):
+            messages = prompt_row["messages"]
+        elif prompt_row and isinstance(prompt_row.get("prompt"), str):
+            messages = [{"role": "user", "content": prompt_row["prompt"]}]
+        else:
+            text = self.student_tokenizer.decode(prompt, skip_special_tokens=True)
+            messages = [{"role": "user", "content": text}]
+        tok = self.teacher_tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = tok("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("the prompt renders to no teacher tokens: the teacher cannot score its responses")
+        return ids
+
+    async def ascore_samples(self, prompt: list[int], completions: list[list[int]],
+                             student_logprobs: list[list[float]] | None = None,
+                             prompt_row: dict | None = None) -> list[dict]:
+        from megatron_topd.topd.cross_tokenizer import (Alignment, align_responses, span_log_ratio,
+                                                        teacher_logprobs_on_student_tokens)
+
+        if student_logprobs is None or len(student_logprobs) != len(completions):
+            raise ValueError("a cross-tokenizer teacher needs the student's log-prob of every sampled token (the "
+                             "span-level signal is log pi_S - log pi_T over a span): pass student_logprobs")
+        t_prompt = self.teacher_prompt(prompt, prompt_row)
+        # a row that cannot be aligned comes back as its AlignmentError: dropped from the loss, counted (step_metrics)
+        alignments = align_responses(completions, self.student_tokenizer, self.teacher_tokenizer,
+                                     special_map=self.special_map, errors="mask")
+        room = self.client.context_length  # a row the teacher's context cannot hold gets no signal (counted)
+        scored = [k for k, al in enumerate(alignments) if isinstance(al, Alignment) and al.teacher_ids
+                  and (room is None or len(t_prompt) + len(al.teacher_ids) <= room)]
+        scores = await self.client.ascore([t_prompt + alignments[k].teacher_ids for k in scored], start=len(t_prompt),
+                                          top_logprobs=0) if scored else []
+        by_row = dict(zip(scored, scores))
+        rows = []
+        for k, ids in enumerate(completions):
+            s_lp = torch.tensor([float("nan") if x is None else float(x) for x in student_logprobs[k]],
+                                dtype=torch.float64)
+            if len(s_lp) != len(ids):
+                raise ValueError(f"sample {k}: {len(ids)} tokens but {len(s_lp)} log-probs")
+            if k in by_row:
+                sig = span_log_ratio(alignments[k], s_lp, by_row[k].token_logprobs)
+                token_lp = teacher_logprobs_on_student_tokens(sig, s_lp)
+                mask = sig.mask & torch.isfinite(token_lp)
+                token_lp = torch.where(mask, token_lp, torch.zeros_like(token_lp))
+            else:
+                mask = torch.zeros(len(ids), dtype=torch.bool)
+                token_lp = torch.zeros(len(ids), dtype=torch.float64)
+            rows.append({"token_logprobs": token_lp.float(), "signal_mask": mask,
+                         "aligned": isinstance(alignments[k], Alignment)})
+        return rows
+
+    def score_rollouts(self, prompts, responses) -> list[dict]:
+        raise NotImplementedError("a cross-tokenizer teacher scores samples as they are generated (ascore_samples), "
+                                  "with the student's log-probs")
+
+    def score_guidance(self, tokens, lengths, window_start):
+        raise NotImplementedError("guidance along the teacher's windows across tokenizers is not built yet: "
+                                  "teacher.tokenizer=cross runs topd.variant=opd")
+
+    def step_metrics(self, batch) -> dict:
+        """``cross_tokenizer_masked_tokens`` (response tokens without a teacher signal, weight 0),
+        ``cross_tokenizer_unaligned_rows`` (responses that could not be aligned at all, all their tokens masked)
+        and ``cross_tokenizer_response_tokens``, over the step's batch (held by rank 0; the same on every rank).
+        A collective: every rank calls it."""
+        from megatron_topd import parallel
+
+        counts = None
+        if batch.teacher is not None:
+            counts = {"cross_tokenizer_masked_tokens": float(sum(int((~r["signal_mask"]).sum()) for r in batch.teacher)),
+                      "cross_tokenizer_unaligned_rows": float(sum(not r["aligned"] for r in batch.teacher)),
+                      "cross_tokenizer_response_tokens": float(sum(len(r["signal_mask"]) for r in batch.teacher))}
+        return parallel.broadcast_object(counts)
+
+
 def _score_rows(scores, top_k: int) -> list[dict]:
     """Client `Score`s -> per-row tensors (see `RemoteTeacher.score_rows`)."""
     rows = []
@@ -143,9 +269,14 @@ def _score_rows(scores, top_k: int) -> list[dict]:
 def teacher_fields(teacher_rows: list[dict], idx: list[int], starts: list[int], width: int, k: int) -> dict:
     """Logit-aligned [n, width(, k)] batch fields from per-row remote scores (position p predicts token p + 1).
 
-    Positions without teacher data get distinct filler ids and log(1/(k+1)) (valid, masked out of every loss)."""
+    Positions without teacher data get distinct filler ids and log(1/(k+1)) (valid, masked out of every loss).
+    Rows with a ``signal_mask`` (a cross-tokenizer teacher) add ``teacher_signal_mask [n, width]`` (bool, False at
+    response tokens without a teacher signal: the estimator gives them loss weight 0)."""
     n = len(idx)
     out = {"teacher_token_logprobs": torch.zeros(n, width)}
+    masked = any("signal_mask" in teacher_rows[i] for i in idx)
+    if masked:
+        out["teacher_signal_mask"] = torch.ones(n, width, dtype=torch.bool)
     if k:
         out["teacher_topk_ids"] = torch.arange(k, dtype=torch.int32).repeat(n, width, 1)  # ids < 2^31: int32
         out["teacher_topk_logprobs"] = torch.full((n, width, k), -math.log(k + 1))
@@ -153,6 +284,8 @@ def teacher_fields(teacher_rows: list[dict], idx: list[int], starts: list[int], 
         row = teacher_rows[i]
         r = len(row["token_logprobs"])
         out["teacher_token_logprobs"][j, start - 1 : start - 1 + r] = row["token_logprobs"]
+        if masked and "signal_mask" in row:
+            out["teacher_signal_mask"][j, start - 1 : start - 1 + r] = row["signal_mask"]
         if k:
             out["teacher_topk_ids"][j, start - 1 : start - 1 + r] = row["topk_ids"]
             out["teacher_topk_logprobs"][j, start - 1 : start - 1 + r] = row["topk_logprobs"]
