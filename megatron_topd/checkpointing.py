@@ -152,6 +152,25 @@ def save_checkpoint(root: str | Path, step: int, model_chunks, optimizer=None, s
     return path
 
 
+def prune_checkpoints(root: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints under ``root`` (0: keep all); never the one
+    latest_step.txt names, nor anything newer (a save in progress). Call on one rank, after `save_checkpoint`
+    returned on every rank. At 70B each checkpoint with its optimizer state is about 1 TB."""
+    import shutil
+
+    latest = latest_step(root)
+    if keep < 1 or latest is None:
+        return []
+    steps = sorted(int(d.name.split("_")[1]) for d in Path(root).glob("step_*")
+                   if d.is_dir() and (d / "topd_meta.json").is_file() and int(d.name.split("_")[1]) <= latest)
+    removed = []
+    for step in steps[:-keep] if len(steps) > keep else []:
+        if step != latest:
+            shutil.rmtree(_step_dir(root, step))
+            removed.append(_step_dir(root, step).name)
+    return removed
+
+
 def latest_step(root: str | Path) -> int | None:
     tracker = Path(root) / TRACKER_FILE
     return int(tracker.read_text().strip()) if tracker.exists() else None

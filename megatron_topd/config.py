@@ -172,6 +172,7 @@ class TrainConfig:
     student_hf_path: str = ""  # HF folder of the same student (for its SGLang servers and tokenizer)
     output_dir: str = "runs/topd"
     save_interval: int = 50
+    keep_checkpoints: int = 0  # keep the newest N checkpoints, delete older ones (0: keep all; ~1 TB each at 70B)
     loss_chunk_size: int | None = 1024  # tokens per chunk in the vocabulary-parallel loss
     wandb_project: str | None = None
     # Throughput (docs/throughput.md): sample step k+1's rollouts while step k trains (one step off-policy), and
@@ -193,6 +194,9 @@ class TrainConfig:
                      "teacher_group_microbatches", "save_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must be an integer >= 1")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) or \
+                self.keep_checkpoints < 0:
+            raise ValueError(f"train.keep_checkpoints={self.keep_checkpoints!r} must be an integer >= 0 (0: keep all)")
         if self.on_nonfinite not in NONFINITE:
             raise ValueError(f"train.on_nonfinite={self.on_nonfinite!r}: use skip or stop")
         if self.max_tokens_per_microbatch < self.max_seq_length:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_topd import parallel
-from megatron_topd.checkpointing import save_checkpoint, unwrap
+from megatron_topd.checkpointing import prune_checkpoints, save_checkpoint, unwrap
 from megatron_topd.config import Config
 from megatron_topd.models import padded_vocab_size
 from megatron_topd.rollout.step_batch import StepBatch
@@ -234,6 +234,8 @@ def save_checkpoint_if_due(run: Run, step: int, batch: StepBatch) -> bool:
     saved = done % cfg.train.save_interval == 0 or done == cfg.train.steps
     if saved:
         save_checkpoint(run.checkpoints, done, run.student, run.optimizer, run.scheduler, extra=extra)
+        if dist.get_rank() == 0:  # every rank has finished writing it (save_checkpoint ends with a barrier)
+            prune_checkpoints(run.checkpoints, cfg.train.keep_checkpoints)
     if done < cfg.train.steps and preemption.stop_requested():  # a collective: all ranks agree
         if not saved:
             preemption.mark_temporary(save_checkpoint(run.checkpoints, done, run.student, run.optimizer,

@@ -31,7 +31,7 @@ def demo_overrides(assets: dict, tmp_path, *, colocated: bool = True) -> list[st
 def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets):
     out = tmp_path / "run"
     overrides = demo_overrides(demo_assets, tmp_path) + [
-        "rollout.max_new_tokens=24", "topd.window=8", "train.save_interval=1"]
+        "rollout.max_new_tokens=24", "topd.window=8", "train.save_interval=1", "train.keep_checkpoints=2"]
     first = run_on_ranks(run_training, 2, overrides + ["train.steps=2"], timeout=1200)
     reduced = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s") and k != "sync_mb"} for r in rows]  # noqa: E731
     assert reduced(first[0]) == reduced(first[1]), "every rank reports the same (reduced) metrics"
@@ -54,6 +54,8 @@ def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets):
     records = [json.loads(line) for line in (out / "rollouts" / "step_00000002.jsonl").read_text().splitlines()]
     assert {r["weight_version"] for r in records} == {"2"}
     assert (out / "checkpoints" / "latest_step.txt").read_text() == "3"
+    # train.keep_checkpoints=2: steps 1, 2, 3 were saved, the newest two remain
+    assert sorted(d.name for d in (out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
 
 
 def run_remote_training(config_overrides: list[str]) -> dict:
