@@ -59,19 +59,23 @@ def publish_failure(root: str | Path, role: str, name: str, *, node: str, log: s
     return path
 
 
+def _this_attempt(folder: Path, pattern: str) -> list[dict]:
+    """The JSON files ``pattern`` in ``folder`` written by this attempt, sorted by file name (half-written or
+    unreadable files are skipped: their writer has not finished)."""
+    out = []
+    for path in sorted(folder.glob(pattern)) if folder.is_dir() else []:
+        try:
+            entry = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        if entry.get("attempt") == attempt_id():
+            out.append(entry)
+    return out
+
+
 def failures(root: str | Path, roles) -> list[dict]:
     """This attempt's failed servers of `roles`."""
-    out = []
-    for role in roles:
-        folder = Path(root) / role
-        for path in sorted(folder.glob("*.failed")) if folder.is_dir() else []:
-            try:
-                entry = json.loads(path.read_text())
-            except (json.JSONDecodeError, OSError):
-                continue
-            if entry.get("attempt") == attempt_id():
-                out.append(entry)
-    return out
+    return [entry for role in roles for entry in _this_attempt(Path(root) / role, "*.failed")]
 
 
 class ServerRoleFailed(RuntimeError):
@@ -80,16 +84,7 @@ class ServerRoleFailed(RuntimeError):
 
 def read(root: str | Path, role: str) -> list[dict]:
     """This attempt's endpoints of `role`, sorted by file name (a stable order for every reader)."""
-    folder = Path(root) / role
-    out = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            entry = json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue
-        if entry.get("attempt") == attempt_id():
-            out.append(entry)
-    return out
+    return _this_attempt(Path(root) / role, "*.json")
 
 
 def wait_for(root: str | Path, expected: dict[str, int], *, timeout_s: float, logs: dict[str, str] | None = None,
