@@ -117,6 +117,21 @@ def free_cuda():
     torch.cuda.empty_cache()
 
 
+def start_run(precision, runs: dict, name: str) -> int | None:
+    """Before one precision's measurement: None (and ``runs[name]`` says why) when this GPU/stack cannot run it,
+    else the allocated bytes to measure from, after freeing the previous run's memory and its peak."""
+    import torch
+
+    try:
+        precision.validate()
+    except RuntimeError as exc:
+        runs[name] = {"status": "skipped", "reason": str(exc)}
+        return None
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
 def memory_snapshot() -> dict:
     """Bytes: allocated and reserved by torch, their peaks, and what the device as a whole has in use."""
     import torch
@@ -209,14 +224,9 @@ def stage_te_step(args) -> dict:
                for b in make_lm_batches(tokens, 1, spec.vocab_size)]
     for name, kw in PRECISIONS.items():
         prec = PrecisionConfig(params_dtype="bf16", **kw)
-        try:
-            prec.validate()
-        except RuntimeError as exc:
-            out["runs"][name] = {"status": "skipped", "reason": str(exc)}
+        base = start_run(prec, out["runs"], name)
+        if base is None:
             continue
-        free_cuda()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         parallel.set_seed(1234)  # the same initial weights for every precision
         model = [wrap_ddp(build_gpt_model(spec, precision=prec))]
         optimizer, scheduler = build_optimizer(model, OptimConfig(lr=1e-5), params_dtype=prec.torch_dtype,
@@ -449,14 +459,9 @@ def stage_topd_step(args) -> dict:
         cfg.train.prompts_per_step = max(1, args.rows // 4)  # the planner's rows per step
         cfg.train.loss_chunk_size = 2048
         cfg.topd.variant = "topd"
-        try:
-            cfg.precision.validate()
-        except RuntimeError as exc:
-            out["runs"][name] = {"status": "skipped", "reason": str(exc)}
+        base = start_run(cfg.precision, out["runs"], name)
+        if base is None:
             continue
-        free_cuda()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         parallel.set_seed(1234)
         student_cfg = replace(cfg, teacher=replace(cfg.teacher, placement="remote"))  # the student alone
         _, student, optimizer, scheduler, _ = build_models(student_cfg)

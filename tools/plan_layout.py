@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_topd.models.spec import ModelSpec  # noqa: E402
 from megatron_topd.plan import Layout, Problem, choose, known_models, load_spec  # noqa: E402
+from megatron_topd.plan.fixtures import find_spec  # noqa: E402
 from megatron_topd.plan.report import choice_dict, print_choice  # noqa: E402
 from megatron_topd.plan.search import service_nodes  # noqa: E402
 from megatron_topd.plan.step_time import TopdStep  # noqa: E402
@@ -53,22 +54,17 @@ def _config_defaults(path: str) -> dict:
 
 
 def _models_from_config(data: dict) -> tuple[ModelSpec | None, ModelSpec | None, list[str]]:
-    """(student, teacher, where each was looked for): an inline spec section, else the checkpoint's model_spec.yaml
-    or the HF folder's config.json."""
+    """(student, teacher, the paths looked at that do not exist): an inline spec section, else the checkpoint's
+    model_spec.yaml or the HF folder's config.json (`plan.fixtures.find_spec`)."""
     from megatron_topd.config import from_dict
 
     train, teacher = data.get("train", {}) or {}, data.get("teacher", {}) or {}
     found, tried = [], []
     for section, paths in (("student", (train.get("student_checkpoint"), train.get("student_hf_path"))),
                            ("teacher_spec", (teacher.get("checkpoint"), teacher.get("hf_path")))):
-        spec = from_dict(ModelSpec, data[section], section) if data.get(section) else None
-        for path in paths:
-            if spec is None and path:
-                if Path(path).exists():
-                    spec = load_spec(path)
-                else:
-                    tried.append(path)
+        spec, missing = find_spec(from_dict(ModelSpec, data[section], section) if data.get(section) else None, paths)
         found.append(spec)
+        tried += missing
     return found[0], found[1], tried
 
 

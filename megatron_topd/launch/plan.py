@@ -54,26 +54,15 @@ def check_memory(cfg) -> str:
     """The planner's verdict on the trainer's layout, before any node starts: raises when it says the layout does
     not fit (naming the stage and its largest terms) unless launch.force; returns what was judged, or why nothing
     was (a CPU job; model specs not readable from the config or the checkpoints)."""
-    from pathlib import Path
-
     from megatron_topd.plan import predict_memory
-    from megatron_topd.plan.fixtures import load_spec
+    from megatron_topd.plan.fixtures import find_spec
 
     lc = cfg.launch
     if not lc.gpus_per_node:
         return "memory not judged: launch.gpus_per_node=0 (a CPU job)"
-
-    def spec(inline, checkpoint: str, hf_path: str):
-        if inline is not None:
-            return inline
-        for path in (checkpoint, hf_path):
-            if path and Path(path).exists():
-                return load_spec(path)
-        return None
-
-    student = spec(cfg.student, cfg.train.student_checkpoint, cfg.train.student_hf_path)
+    student, _ = find_spec(cfg.student, (cfg.train.student_checkpoint, cfg.train.student_hf_path))
     colocated = cfg.teacher.placement == "colocated"
-    teacher = spec(cfg.teacher_spec, cfg.teacher.checkpoint, cfg.teacher.hf_path) if colocated else None
+    teacher = find_spec(cfg.teacher_spec, (cfg.teacher.checkpoint, cfg.teacher.hf_path))[0] if colocated else None
     if student is None or (colocated and teacher is None):
         return ("memory not judged: no model spec (student:/teacher_spec: in the config, or the checkpoints' "
                 "model_spec.yaml) is readable here")

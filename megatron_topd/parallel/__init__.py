@@ -152,7 +152,10 @@ def tensor_parallel_group():
 
 
 def broadcast_object(obj, src: int = 0, group=None):
-    """``obj`` from global rank ``src`` on every rank of ``group`` (pickled: for small, irregular payloads only)."""
+    """``obj`` from global rank ``src`` on every rank of ``group`` (pickled: for small, irregular payloads only);
+    ``obj`` itself in a process without torch.distributed or alone in its world."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]

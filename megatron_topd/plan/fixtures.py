@@ -37,3 +37,17 @@ def load_spec(source: str | Path) -> ModelSpec:
     if path.suffix in (".yaml", ".yml"):
         return ModelSpec.load_yaml(path)
     return spec_from_hf_config(json.loads(path.read_text()))
+
+
+def find_spec(inline: ModelSpec | None, paths) -> tuple[ModelSpec | None, list[str]]:
+    """A run's model shape: ``inline`` (the config's own spec section) if given, else `load_spec` of the first of
+    ``paths`` (checkpoint folder, HF folder) that exists here; also the paths tried that do not exist."""
+    missing = []
+    for path in paths:
+        if inline is not None:
+            break
+        if path and Path(path).exists():
+            inline = load_spec(path)
+        elif path:
+            missing.append(str(path))
+    return inline, missing

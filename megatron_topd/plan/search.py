@@ -20,7 +20,7 @@ from megatron_topd.models.spec import ModelSpec
 from megatron_topd.plan.layout import Layout
 from megatron_topd.plan.predict import Plan, predict_layout
 from megatron_topd.plan.rollout import nodes_for
-from megatron_topd.plan.speed import step_seconds
+from megatron_topd.plan.speed import pipeline_bubble, step_seconds
 from megatron_topd.plan.step_time import StepTime, TopdStep, step_time
 
 
@@ -37,12 +37,9 @@ def efficient_group(pp: int, target: float = TARGET_PIPELINE_EFFICIENCY) -> int:
 
 def pipeline_efficiency(plan: Plan) -> float:
     """Share of a schedule's time without bubble: M / (M + PP - 1), M = microbatches per schedule (a co-located
-    teacher's group of G, else the step's microbatches)."""
-    layout = plan.layout
-    m = plan.microbatches_per_step
-    if layout.placement == "colocated":
-        m = min(m, layout.teacher_group_microbatches)
-    return m / (m + layout.pp - 1)
+    teacher's group of G, else the step's microbatches): the inverse of `speed.pipeline_bubble`."""
+    colocated = plan.layout.placement == "colocated"
+    return 1.0 / pipeline_bubble(plan.layout, plan.microbatches_per_step, colocated)
 
 
 @dataclass

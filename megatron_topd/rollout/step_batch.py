@@ -80,30 +80,26 @@ class StepBatch:
         """Bytes of the batch's tensors (what every rank receives)."""
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in TENSORS)
 
-    def broadcast(self, src: int = 0) -> "StepBatch":
-        """This batch (on ``src``) on every rank: a small pickled header, then the four tensors. `teacher` stays on
-        ``src`` (train/dealing.py sends a remote teacher's scores to the last stages only). A collective."""
-        return broadcast_step_batch(self if dist.get_rank() == src else None, src)
-
 
 def broadcast_step_batch(batch: StepBatch | None, src: int = 0) -> StepBatch:
-    """`StepBatch.broadcast` for every rank (``batch`` is None off ``src``)."""
+    """``batch`` (given on ``src``, None elsewhere) on every rank: a small pickled header, then the four tensors.
+    `teacher` stays on ``src`` (train/dealing.py sends a remote teacher's scores to the last stages only). A
+    collective."""
     from megatron_topd.parallel import broadcast_object, device
 
     header = None
     if batch is not None:
         header = {f.name: getattr(batch, f.name) for f in fields(StepBatch)
                   if f.name not in TENSORS and f.name != "teacher"}
-        header["sizes"] = {name: getattr(batch, name).numel() for name in TENSORS}
+        header["shapes"] = {name: (getattr(batch, name).numel(), getattr(batch, name).dtype) for name in TENSORS}
         header["has_teacher_scores"] = batch.has_teacher_scores or batch.teacher is not None
     header = broadcast_object(header, src=src)
-    sizes = header.pop("sizes")
-    dtypes = {"tokens": torch.int32, "prompt_lengths": torch.int64, "response_lengths": torch.int64,
-              "response_logprobs": torch.float32}
+    shapes = header.pop("shapes")
     out = {}
     for name in TENSORS:
+        numel, dtype = shapes[name]
         t = getattr(batch, name).contiguous().to(device()) if batch is not None else torch.empty(
-            sizes[name], dtype=dtypes[name], device=device())
+            numel, dtype=dtype, device=device())
         dist.broadcast(t, src=src)
         out[name] = t.cpu()
     shared = StepBatch(**out, **header)

@@ -18,19 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ...parallel import broadcast_object
 from . import admin
 from .base import WeightSync, _rank, close_sessions
 from .buckets import flatten, iter_buckets, meta
 from .process_group import broadcast_from_rank0, destroy, listen, new_update_group
-
-
-def share_from_rank0(value):
-    """`value` of rank 0 on every rank of the default group (itself without one)."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class DistributedWeightSync(WeightSync):
@@ -49,7 +41,7 @@ class DistributedWeightSync(WeightSync):
         self.world_size = 1 + len(self.urls) * tp_size
         # Rank 0 listens (bound now, on every interface; master_port 0: the OS's choice) and tells the others.
         self.store = listen(master_port, self.world_size, self.timeout_s) if _rank() == 0 else None
-        self.master_port, self.group_name = share_from_rank0(
+        self.master_port, self.group_name = broadcast_object(
             (self.store.port, f"megatron_topd_weights_{uuid.uuid4().hex[:8]}") if self.store is not None else None)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.pg = None
