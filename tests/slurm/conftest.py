@@ -110,7 +110,7 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.5, on_t
         value = predicate()
         if value:
             return value
-        time.sleep(poll_s)
+        time.sleep(poll_s)  # polling interval of a wait on what Slurm or the job reports (deadline above)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{on_timeout()}")
 
 
