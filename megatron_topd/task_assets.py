@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_topd.tasks import check_task, make_task
 from megatron_topd.tasks.addition import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, AdditionTask, Problem, build_tokenizer
 
 
@@ -37,10 +38,14 @@ class ModelRecipe:
     # the model learns to continue a flawed chain correctly (from the prompt), so its distribution on a student's
     # mistaken prefix still points at the right answer - what makes a teacher worth distilling on-policy.
     corruption: float = 0.0
+    # task addition_forms: the model's mixture of surface forms, one weight per form of tasks.addition_forms.FORMS,
+    # drawn independently per chain step (None: every step in the demo's form)
+    form_weights: tuple[float, ...] | None = None
 
 
 @dataclass
 class AssetRecipe:
+    task: str = "addition"  # megatron_topd.tasks.TASKS (addition_forms: surface forms, issue 26)
     digits: int = 4
     n_train: int = 20000
     n_heldout: int = 500
@@ -51,6 +56,44 @@ class AssetRecipe:
     student: ModelRecipe = field(default_factory=lambda: ModelRecipe(hidden_size=96, num_layers=2, ffn_hidden_size=256,
                                                                      steps=360, seed=2))
     eval_every: int = 250
+
+
+# The surface-form task's arms (`--task addition_forms`): the teacher prefers form ab, the warm-started student
+# sum_first, so at the first token of a step the student leaves the teacher's form without being wrong.
+FORMS_TEACHER_WEIGHTS = (0.6, 0.2, 0.2)
+FORMS_STUDENT_WEIGHTS = (0.2, 0.2, 0.6)
+TEACHER_ARMS = {"robust": 0.5, "clean": 0.0}  # the teacher's corruption share: robust off-trajectory, or clean only
+
+
+def recipe_for(task: str = "addition", teacher_arm: str = "robust") -> AssetRecipe:
+    """The recipe of a task and teacher arm: ``robust`` (trained on chains with corrupted digits as context, so it
+    continues a flawed prefix correctly) or ``clean`` (correct chains only: not robust off-trajectory)."""
+    check_task(task)
+    if teacher_arm not in TEACHER_ARMS:
+        raise ValueError(f"teacher arm {teacher_arm!r}: use one of {', '.join(TEACHER_ARMS)}")
+    recipe = AssetRecipe(task=task)
+    recipe.teacher.corruption = TEACHER_ARMS[teacher_arm]
+    if task == "addition_forms":
+        recipe.teacher.form_weights, recipe.student.form_weights = FORMS_TEACHER_WEIGHTS, FORMS_STUDENT_WEIGHTS
+    return recipe
+
+
+def _stamp(fields: dict) -> dict:
+    """A recipe's fields for its cache stamp: the fields added for issue 26 are left out at their defaults, so
+    assets built before them are still reused."""
+    return {k: v for k, v in fields.items() if (k, v) not in (("task", "addition"), ("form_weights", None))}
+
+
+def training_chains(task, problems: list[Problem], recipe: ModelRecipe) -> list[str]:
+    """The SFT targets: the task's chain, or for addition_forms a chain of forms drawn with `form_weights`."""
+    import random
+
+    if recipe.form_weights is None:
+        return [task.solution(p) for p in problems]
+    if not hasattr(task, "sample_solution"):
+        raise ValueError(f"form_weights={recipe.form_weights} needs a task with surface forms: use addition_forms")
+    rng = random.Random(recipe.seed)
+    return [task.sample_solution(p, rng, recipe.form_weights) for p in problems]
 
 
 def asset_paths(root: str | Path) -> dict[str, Path]:
@@ -133,7 +176,7 @@ def train_and_export(name: str, recipe: ModelRecipe, task: AdditionTask, tokeniz
     t0 = time.perf_counter()
     parallel.set_seed(recipe.seed)
     prompts = [encode(tokenizer, task.prompt(p)) for p in train]
-    responses = [encode(tokenizer, task.solution(p)) + [EOS_ID] for p in train]
+    responses = [encode(tokenizer, chain) + [EOS_ID] for chain in training_chains(task, train, recipe)]
     max_new = len(responses[0])
     responses, untrained = corrupt_chains(responses, tokenizer, recipe.corruption, seed=recipe.seed)
     spec = model_spec(recipe, max_len=128)
@@ -182,17 +225,17 @@ def build_assets(root: str | Path, recipe: AssetRecipe | None = None) -> dict[st
 
     recipe = recipe or AssetRecipe()
     paths = asset_paths(root)
-    data = {k: v for k, v in asdict(recipe).items() if k not in ("teacher", "student")}
-    stamps = {"teacher": json.dumps({"data": data, "model": asdict(recipe.teacher), "target": recipe.teacher_target},
-                                    sort_keys=True)}
-    stamps["student"] = json.dumps({"data": data, "model": asdict(recipe.student)}, sort_keys=True)
+    data = _stamp({k: v for k, v in asdict(recipe).items() if k not in ("teacher", "student")})
+    stamps = {"teacher": json.dumps({"data": data, "model": _stamp(asdict(recipe.teacher)),
+                                     "target": recipe.teacher_target}, sort_keys=True)}
+    stamps["student"] = json.dumps({"data": data, "model": _stamp(asdict(recipe.student))}, sort_keys=True)
     old = json.loads(paths["report"].read_text()) if paths["report"].is_file() else {}
     stale = [who for who in ("teacher", "student")
              if old.get(who, {}).get("stamp") != stamps[who] or not (paths[f"{who}_hf"] / "config.json").is_file()]
     if not stale:
         return paths
     paths["root"].mkdir(parents=True, exist_ok=True)
-    task = AdditionTask(recipe.digits)
+    task = make_task(recipe.task, digits=recipe.digits)
     build_tokenizer(paths["tokenizer"])
     tokenizer = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
     train, heldout = task.split(recipe.n_train, recipe.n_heldout, seed=0)
@@ -215,6 +258,9 @@ def build_assets(root: str | Path, recipe: AssetRecipe | None = None) -> dict[st
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="asset folder (reused when its recipe is unchanged)")
+    p.add_argument("--task", default="addition", help="addition (the demo's) or addition_forms (surface forms)")
+    p.add_argument("--teacher-arm", default="robust", choices=tuple(TEACHER_ARMS),
+                   help="robust: trained with corrupted chains as context; clean: correct chains only")
     p.add_argument("--digits", type=int, default=None, help="operand digits (default 4)")
     p.add_argument("--teacher-steps", type=int, default=None, help="the teacher's SFT step budget")
     p.add_argument("--student-steps", type=int, default=None, help="the student's warm-start SFT steps")
@@ -222,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-heldout", type=int, default=None)
     p.add_argument("--n-prompts", type=int, default=None)
     args = p.parse_args(argv)
-    recipe = AssetRecipe()
+    recipe = recipe_for(args.task, args.teacher_arm)
     for name in ("digits", "n_train", "n_heldout", "n_prompts"):
         if getattr(args, name) is not None:
             setattr(recipe, name, getattr(args, name))

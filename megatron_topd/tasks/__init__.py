@@ -1,7 +1,8 @@
 """Synthetic tasks with exact-answer checkers, built offline: the demo's and the experiment's workload."""
 from megatron_topd.tasks.addition import AdditionTask, Problem, build_tokenizer
+from megatron_topd.tasks.addition_forms import AdditionFormsTask
 
-TASKS = {"addition": AdditionTask}
+TASKS = {"addition": AdditionTask, "addition_forms": AdditionFormsTask}
 
 
 def check_task(name: str) -> None:
@@ -14,4 +15,4 @@ def make_task(name: str, **kwargs):
     return TASKS[name](**kwargs)
 
 
-__all__ = ["AdditionTask", "Problem", "TASKS", "build_tokenizer", "check_task", "make_task"]
+__all__ = ["AdditionFormsTask", "AdditionTask", "Problem", "TASKS", "build_tokenizer", "check_task", "make_task"]
