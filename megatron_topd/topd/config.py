@@ -41,6 +41,9 @@ class TopdConfig:
     # Divergence (step 5): whose input-embedding table defines the OT cost 1 - cos. `auto`: the teacher's (frozen)
     # when it is co-located, the student's with a remote teacher (`resolve_embedding_source`).
     embedding_source: str = "auto"
+    # Order-aware OT (`ot.position_cost`): adds ot_position_weight * |i/n - j/m| to the cost of matching window
+    # positions i and j, so a reordered window ("=31;" for "=13;") is no longer at distance 0. 0: the paper's cost.
+    ot_position_weight: float = 0.0
     # Suppression (step 6): bottom `low_fraction` by OT distance (or distance < `threshold`) get weight `w_low`;
     # `suppress: high | random` suppress the same number of the highest-OT / random candidates instead (controls).
     # Decided over the whole batch (all data-parallel replicas' candidates at once).
@@ -74,6 +77,7 @@ class TopdConfig:
         _number_in("gamma", self.gamma, 0.0, 1.0, lo_open=True)
         _number_in("w_low", self.w_low, 0.0, math.inf)
         _number_in("lambda_traj", self.lambda_traj, 0.0, math.inf)
+        _number_in("ot_position_weight", self.ot_position_weight, 0.0, math.inf)
         if self.threshold is not None:
             _number_in("threshold", self.threshold, 0.0, 2.0)
         if not isinstance(self.probe_greedy, bool):

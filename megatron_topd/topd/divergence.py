@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_topd.topd.ot import solve_emd
+from megatron_topd.topd.ot import position_cost, solve_emd
 
 Windows = Sequence[Sequence[Sequence[int]]]  # [candidate][sample] -> token ids
 
@@ -48,10 +48,12 @@ def window_divergence(
     *,
     with_transport: bool = False,
     group=None,
+    position_weight: float = 0.0,
 ) -> WindowDivergence:
     """OT distances for every candidate; every rank of the lookup's TP group must call this (``embed`` all-reduces).
 
-    ``group``: split the pairs' exact solves over this group's ranks (all must call with the same windows)."""
+    ``group``: split the pairs' exact solves over this group's ranks (all must call with the same windows).
+    ``position_weight``: the order-aware term of `ot.position_cost` (``topd.ot_position_weight``; 0: the paper's)."""
     if len(teacher_windows) != len(student_windows):
         raise ValueError(
             f"{len(teacher_windows)} teacher window sets but {len(student_windows)} student ones: "
@@ -73,8 +75,9 @@ def window_divergence(
     n_pairs = len(pair_t)
     # Two windows holding the same tokens (in any order) are at distance exactly 0 (the identity matching costs 0,
     # and costs are >= 0): no cost matrix, no solve, and their ids need no embedding row.
-    t_sorted = [sorted(w) for w in t_flat]
-    s_sorted = [sorted(w) for w in s_flat]
+    # With the order-aware term only the same tokens in the same order are free.
+    t_sorted = [w if position_weight else sorted(w) for w in t_flat]
+    s_sorted = [w if position_weight else sorted(w) for w in s_flat]
     todo = [p for p in range(n_pairs) if t_sorted[pair_t[p]] != s_sorted[pair_s[p]]]
     needed = sorted({i for p in todo for w in (t_flat[pair_t[p]], s_flat[pair_s[p]]) for i in w})
     vocab_ids = torch.tensor(needed, dtype=torch.long)  # sorted, unique; the same on every rank of the group
@@ -110,7 +113,7 @@ def window_divergence(
         costs = cost.numpy()
         for j, p in enumerate(chunk):
             n, m = int(t_len[pair_t[p]]), int(s_len[pair_s[p]])
-            c_pm = costs[j, :n, :m]
+            c_pm = costs[j, :n, :m] + position_cost(n, m, position_weight)
             distances[p], plan = solve_emd(c_pm, with_plan=with_transport, name=f"window pair {p}")
             if with_transport:
                 flows[p, :n] = torch.from_numpy((plan * c_pm).sum(axis=1))

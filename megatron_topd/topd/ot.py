@@ -7,6 +7,11 @@ cost / n (the uniform transport polytope's vertices are permutation matrices, Bi
 Here costs are computed in float64 and entries within rounding of zero are set to exactly 0, so two identical sets
 have distance exactly 0 - suppression ties at 0 then stay ties (see `weights`). Windows of token ids take the faster
 path in `divergence` (float32 cosines, exact 0 for equal ids) and share `emd`.
+
+Order (`position_cost`, ``topd.ot_position_weight``): the paper's cost sees a window as a bag of tokens, so "=13;"
+and "=31;" are at distance 0. A weight ``w > 0`` adds ``w * |i/n - j/m|`` (how far apart two tokens sit, each as a
+share of its window) to the cost of moving token i of one window onto token j of the other: a reordered window then
+costs at least the cheaper of moving tokens in place and mismatching them. 0 (the default) is the paper's cost.
 """
 from __future__ import annotations
 
@@ -30,9 +35,12 @@ def ot_distance(
     x_weights: ArrayLike | None = None,
     y_weights: ArrayLike | None = None,
     cost: str = "cosine",
+    position_weight: float = 0.0,
 ) -> float:
-    """EMD between point sets ``x [n, d]`` and ``y [m, d]`` (n != m allowed); uniform marginals unless weights given."""
-    return float(ot_distances([x], [y], x_weights=[x_weights], y_weights=[y_weights], cost=cost)[0])
+    """EMD between point sets ``x [n, d]`` and ``y [m, d]`` (n != m allowed); uniform marginals unless weights given.
+    ``position_weight``: `position_cost` (0: the paper's order-free cost)."""
+    return float(ot_distances([x], [y], x_weights=[x_weights], y_weights=[y_weights], cost=cost,
+                              position_weight=position_weight)[0])
 
 
 def ot_plan(
@@ -56,6 +64,7 @@ def ot_distances(
     y_weights: Sequence[ArrayLike | None] | None = None,
     cost: str = "cosine",
     with_plans: bool = False,
+    position_weight: float = 0.0,
 ):
     """Batched `ot_distance` over pairs ``(xs[i], ys[i])``: float64 array ``[P]``.
 
@@ -78,7 +87,7 @@ def ot_distances(
     plans: list[np.ndarray] = []
     costs: list[np.ndarray] = []
     for i, (x, y) in enumerate(zip(xs, ys)):
-        m = _cosine_cost(x, y)
+        m = _cosine_cost(x, y) + position_cost(x.shape[0], y.shape[0], position_weight)
         a = _marginal(f"x_weights[{i}]", x_weights[i], m.shape[0])
         b = _marginal(f"y_weights[{i}]", y_weights[i], m.shape[1])
         if x_weights[i] is None and y_weights[i] is None:
@@ -118,6 +127,14 @@ def solve_emd(cost: np.ndarray, *, with_plan: bool = False, name: str = "pair") 
     plan = np.zeros((n, n))
     plan[r, c] = 1.0 / n
     return d, plan
+
+
+def position_cost(n: int, m: int, weight: float) -> np.ndarray:
+    """``weight * |i/n - j/m|`` for token i of an n-token window and token j of an m-token one ([n, m] float64):
+    the order-aware term added to the embedding cost (all zeros at weight 0, the paper's cost)."""
+    if not np.isfinite(weight) or weight < 0:
+        raise ValueError(f"position weight {weight}: use a finite number >= 0 (topd.ot_position_weight)")
+    return weight * np.abs(np.arange(n)[:, None] / n - np.arange(m)[None, :] / m)
 
 
 def _cosine_cost(x_unit: torch.Tensor, y_unit: torch.Tensor) -> np.ndarray:

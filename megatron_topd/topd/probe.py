@@ -89,7 +89,7 @@ def run_probe(
     t1 = time.perf_counter()
     div = window_divergence(
         teacher_w, student_w, embed, with_transport=cfg.variant == "topd" and cfg.position_weighting == "ot_plan",
-        group=group,
+        group=group, position_weight=cfg.ot_position_weight,
     )
     timings = {"window_s": t1 - t0, "ot_s": time.perf_counter() - t1}
     everyone, offset = gather_distances(div.distance, dp_group)
