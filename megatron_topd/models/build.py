@@ -1,7 +1,8 @@
 """Build a Megatron-Core GPTModel for a `ModelSpec` on the current parallel layout.
 
 Transformer Engine layers when TE is importable and a GPU is present (needed for FP8), Megatron's local layers
-otherwise (CPU, tests). Logits stay vocabulary-parallel (`parallel_output=True`): our losses consume the shards.
+otherwise (CPU, tests); Megatron's fused kernels where the machine runs them (models/fusions.py). Logits stay
+vocabulary-parallel (`parallel_output=True`): our losses consume the shards.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_topd.models.fusions import Stack, fusion_flags
 from megatron_topd.models.precision import PrecisionConfig, use_transformer_engine
 from megatron_topd.models.shared_prefix import enable_token_positions
 from megatron_topd.models.spec import ModelSpec
@@ -61,12 +63,7 @@ def transformer_config(spec: ModelSpec, precision: PrecisionConfig | None = None
         pipeline_dtype=precision.torch_dtype,
         bf16=precision.params_dtype == "bf16",
         use_cpu_initialization=not on_gpu,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        bias_dropout_fusion=False,
+        **fusion_flags(Stack.installed()),  # on where this machine runs them, off on CPU (models/fusions.py)
         init_method_std=0.02,
         batch_p2p_sync=on_gpu,
         moe_token_dispatcher_type="alltoall",  # (dense models too: Megatron checks it against variable_seq_lengths)

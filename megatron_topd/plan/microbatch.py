@@ -43,10 +43,12 @@ class StageActivations:
 
 def stage_activations(spec: ModelSpec, mb: MicrobatchShape, *, layers: int, in_flight: int, first: bool, last: bool,
                       tp: int = 1, sp: bool = False, cp: int = 1, recompute: str = "none", profile: str = "te_flash",
-                      act_bytes: int = 2, loss_chunk: int | None = None) -> StageActivations:
+                      act_bytes: int = 2, loss_chunk: int | None = None, fused_swiglu: bool | None = None
+                      ) -> StageActivations:
     tokens = mb.tokens // cp  # context parallelism splits every sequence over cp ranks
     rows, seq = mb.rows, mb.row_len
-    layer = layer_activations(spec, tp=tp, sp=sp, recompute=recompute, profile=profile, act_bytes=act_bytes)
+    layer = layer_activations(spec, tp=tp, sp=sp, recompute=recompute, profile=profile, act_bytes=act_bytes,
+                              fused_swiglu=fused_swiglu)
     rep = tp if sp else 1
     h = spec.hidden_size
     per_mb = layers * layer.saved(tokens, rows, seq)

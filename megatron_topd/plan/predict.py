@@ -107,8 +107,10 @@ class Plan:
 def predict_layout(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, *, seq: int, rows_per_step: int,
                    gpu_mem_gb: float, params_dtype: str = "bf16", fp8: bool = False, loss_chunk: int | None = 2048,
                    profile: str = "te_flash", margin: float = 0.10, distributed_optimizer: bool = True,
-                   runtime_reserve: float = RUNTIME_RESERVE_BYTES, teacher_fp8: bool = False) -> Plan:
-    """Memory of every pipeline stage of `layout` (DP rank 0: the largest optimizer shard up to a few elements)."""
+                   runtime_reserve: float = RUNTIME_RESERVE_BYTES, teacher_fp8: bool = False,
+                   fused_swiglu: bool | None = None) -> Plan:
+    """Memory of every pipeline stage of `layout` (DP rank 0: the largest optimizer shard up to a few elements).
+    ``fused_swiglu``: None for what the profile's stack builds (plan/activations.py)."""
     plan = Plan(layout=layout, gpu_bytes=gpu_mem_gb * GB, margin=margin)
     colocated = teacher if layout.placement == "colocated" else None
     plan.reasons = layout_reasons(student, colocated, layout, seq)
@@ -139,7 +141,7 @@ def predict_layout(student: ModelSpec, teacher: ModelSpec | None, layout: Layout
         in_flight = microbatches_in_flight(s, pp, per_schedule)
         act = stage_activations(student, mb, layers=layers[s], in_flight=in_flight, first=first, last=last, tp=tp,
                                 sp=layout.sp, cp=layout.cp, recompute=layout.recompute, profile=profile,
-                                act_bytes=e, loss_chunk=loss_chunk)
+                                act_bytes=e, loss_chunk=loss_chunk, fused_swiglu=fused_swiglu)
         terms = {
             "weights": state.weights, "gradients": state.gradients, "optimizer": state.optimizer,
             "fp8_weight_cache": state.fp8_weight_cache,
@@ -170,13 +172,17 @@ def predict_memory(cfg, student_spec: ModelSpec, teacher_spec: ModelSpec | None 
                    data_parallel: int = 1, profile: str | None = None, margin: float = 0.10) -> Plan:
     """The plan of a run's `Config` on GPUs of `gpu_mem_gb` GB, with `data_parallel` replicas.
 
-    `profile`: the activation profile; default `te_flash` where Transformer Engine runs (GPU), else `local_unfused`.
+    `profile`: the activation profile; default `te_flash` where Transformer Engine runs (GPU), else `local_unfused`,
+    with the SwiGLU fusion this machine builds (models/fusions.py); a profile given stands for its own stack.
     The teacher counts only when `cfg.teacher.placement == "colocated"`.
     """
+    fused_swiglu = None
     if profile is None:
+        from megatron_topd.models.fusions import Stack, fusion_flags
         from megatron_topd.models.precision import use_transformer_engine
 
         profile = "te_flash" if use_transformer_engine() else "local_unfused"
+        fused_swiglu = fusion_flags(Stack.installed())["bias_activation_fusion"]
     p, t = cfg.parallel, cfg.train
     layout = Layout(tp=p.tensor_parallel, pp=p.pipeline_parallel, cp=p.context_parallel, dp=data_parallel,
                     sp=p.sequence_parallel, recompute=p.recompute, first_stage_layers=p.first_stage_layers,
@@ -187,4 +193,5 @@ def predict_memory(cfg, student_spec: ModelSpec, teacher_spec: ModelSpec | None 
                           params_dtype=cfg.precision.params_dtype, fp8=bool(cfg.precision.fp8),
                           loss_chunk=t.loss_chunk_size, profile=profile, margin=margin,
                           distributed_optimizer=cfg.optim.use_distributed_optimizer,
-                          teacher_fp8=bool(cfg.teacher.precision is not None and cfg.teacher.precision.fp8))
+                          teacher_fp8=bool(cfg.teacher.precision is not None and cfg.teacher.precision.fp8),
+                          fused_swiglu=fused_swiglu)
