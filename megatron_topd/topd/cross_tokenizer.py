@@ -22,8 +22,10 @@ the student's EOS -> the teacher's EOS) is its own span with the mapped teacher 
 other token; an unmapped one is a span with no teacher token (``aligned=False``: no signal, masked out). Text is
 re-tokenized run by run between special tokens, with ``split_special_tokens=True`` (text that looks like a teacher
 special token is text). Bytes of an incomplete trailing character (a response cut off by ``max_new_tokens`` inside
-a character, or right before a special token) are one unaligned span; invalid UTF-8 anywhere else, or text the
-teacher cannot spell, raises `AlignmentError` naming the row, the student token and the character.
+a character, or right before a special token) are one unaligned span; so are the student tokens that hold bytes
+which are not UTF-8 (byte-level students; one span per invalid byte sequence, the text on either side aligned as
+two runs, as around an unmapped special token). Text the teacher cannot spell raises `AlignmentError` naming the row,
+the student token and the character.
 
 Sizes: per response O(n_student + n_teacher) Python integers; nothing grows with the vocabulary.
 """
@@ -54,9 +56,18 @@ class AlignmentError(ValueError):
         super().__init__(f"{where}the response cannot be aligned with the teacher's tokenizer{at}: {reason}")
 
 
+class InvalidUTF8(AlignmentError):
+    """Bytes that are not UTF-8 inside a response: student tokens ``[student_pos, student_end)`` hold them."""
+
+    def __init__(self, reason: str, *, student_end: int, **kw):
+        super().__init__(reason, **kw)
+        self.student_end = student_end
+
+
 class Span(NamedTuple):
     """Half-open index ranges: student tokens of the response, teacher tokens of `Alignment.teacher_ids`, characters
-    of `Alignment.text`. ``aligned=False``: no teacher token covers it (unmapped special token, incomplete character)."""
+    of `Alignment.text`. ``aligned=False``: no teacher token covers it (unmapped special token, incomplete character,
+    bytes that are not UTF-8)."""
 
     student_start: int
     student_end: int
@@ -195,13 +206,24 @@ def align_response(student_ids: Sequence[int], student_tok, teacher_tok, *,
         j = i
         while j < len(ids) and ids[j] not in specials:
             j += 1
-        run_text, run_teacher, run_spans = _align_run(ids[i:j], student_tok, teacher_tok, row=row, offset=i,
-                                                      char_offset=chars, teacher_offset=len(teacher_ids))
-        text.append(run_text)
-        teacher_ids.extend(run_teacher)
-        spans.extend(run_spans)
-        chars += len(run_text)
-        i = j
+        while i < j:  # the run, less the tokens that hold bytes which are not UTF-8 (each an unaligned span)
+            try:
+                run_text, run_teacher, run_spans = _align_run(ids[i:j], student_tok, teacher_tok, row=row, offset=i,
+                                                              char_offset=chars, teacher_offset=len(teacher_ids))
+                end = j
+            except InvalidUTF8 as bad:
+                head = bad.student_pos
+                run_text, run_teacher, run_spans = _align_run(ids[i:head], student_tok, teacher_tok, row=row,
+                                                              offset=i, char_offset=chars,
+                                                              teacher_offset=len(teacher_ids)) if head > i else ("", [], [])
+                end = bad.student_end
+                run_spans.append(Span(head, end, len(teacher_ids) + len(run_teacher), len(teacher_ids) + len(run_teacher),
+                                      chars + len(run_text), chars + len(run_text), False))
+            text.append(run_text)
+            teacher_ids.extend(run_teacher)
+            spans.extend(run_spans)
+            chars += len(run_text)
+            i = end
     return Alignment("".join(text), teacher_ids, spans, len(ids))
 
 
@@ -340,9 +362,11 @@ def _pieces_from_bytes(chunks: list[bytes], *, row, offset: int) -> Pieces:
     except UnicodeDecodeError as exc:
         if exc.reason != "unexpected end of data":  # invalid bytes inside the response
             k = max(n for n, b in enumerate(byte_starts) if b <= exc.start)
-            text = data[: exc.start].decode("utf-8")
-            raise AlignmentError(f"its bytes are not UTF-8 ({exc.reason}: {data[exc.start:exc.end]!r})", row=row,
-                                 student_pos=offset + k, char=len(text), context=text[-20:]) from None
+            end = max(n for n, b in enumerate(byte_starts) if b < exc.end) + 1
+            text = data[: exc.start].decode("utf-8", errors="replace")
+            raise InvalidUTF8(f"its bytes are not UTF-8 ({exc.reason}: {data[exc.start:exc.end]!r})", row=row,
+                              student_pos=offset + k, student_end=offset + end, char=len(text),
+                              context=text[-20:]) from None
         text, valid = data[: exc.start].decode("utf-8"), exc.start
     char_at = []  # character index of every byte of the complete text, and whether the byte starts it
     for n, ch in enumerate(text):

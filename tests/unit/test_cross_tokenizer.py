@@ -183,12 +183,53 @@ def test_unalignable_responses_raise_naming_row_and_position(toks, tmp_path):
     lone = a.convert_tokens_to_ids("Ģ")  # byte 0x80: a continuation byte with no character to continue
     bad = encode(a, "ab")[0] + [lone] + encode(a, "cd")[0]
     with pytest.raises(AlignmentError, match=r"row 3: .* at student token 2 \(character 2.*not UTF-8"):
-        align_response(bad, a, toks["char"], row=3)
+        token_pieces(bad, a, row=3)  # the pieces refuse it; align_response masks those tokens only (below)
 
     out = align_responses([encode(a, "12")[0], ids, encode(a, "3")[0]], a, addition, errors="mask")
     assert [type(x).__name__ for x in out] == ["Alignment", "AlignmentError", "Alignment"] and out[1].row == 1
     with pytest.raises(AlignmentError, match="row 1"):
         align_responses([encode(a, "12")[0], ids], a, addition)
+
+
+def byte_token(tok, byte: int) -> int:
+    from megatron_topd.topd.cross_tokenizer import _unicode_to_byte
+
+    return tok.convert_tokens_to_ids({b: c for c, b in _unicode_to_byte().items()}[byte])
+
+
+@pytest.mark.parametrize("teacher", ["char", "bpe300"])
+def test_invalid_utf8_masks_only_its_tokens(toks, teacher):
+    """Tokens whose bytes are not UTF-8 are unaligned spans of their own (no teacher token, no signal); the text on
+    either side is aligned and scored as without them. Hand cases: a lone continuation byte, a lead byte followed by
+    ASCII, two invalid places in one response, an invalid byte right before a cut-off character, and a character
+    split over byte tokens on both sides of an invalid byte."""
+    a, t = toks["bpe1000"], toks[teacher]
+    enc = lambda text: encode(a, text)[0]  # noqa: E731
+    cont, lead3, ff = byte_token(a, 0x80), byte_token(a, 0xE4), byte_token(a, 0xFF)
+    euro = [byte_token(a, b) for b in "€".encode()]  # 3 byte tokens of one valid character
+    cases = [
+        # (ids, the text kept, student ranges masked: one span per invalid byte sequence)
+        (enc("ab") + [cont] + enc("cd"), "abcd", [(len(enc("ab")), len(enc("ab")) + 1)]),
+        ([lead3] + enc("a1"), "a1", [(0, 1)]),
+        (enc("x") + [cont] + enc("y") + [ff, ff] + enc("z"), "xyz",
+         [(1, 2), (2 + len(enc("y")), 3 + len(enc("y"))), (3 + len(enc("y")), 4 + len(enc("y")))]),  # per sequence
+        (euro + [ff] + euro + enc(" 5"), "€€ 5", [(3, 4)]),
+    ]
+    for ids, kept, masked in cases:
+        al = align_response(ids, a, t, row=0)
+        assert al.text == kept and al.teacher_ids == encode(t, kept)[0]
+        assert sorted(sum(([k for k in range(sp.student_start, sp.student_end)] for sp in al.spans), [])) == \
+            list(range(len(ids)))  # every student token in exactly one span
+        bad = [(sp.student_start, sp.student_end) for sp in al.spans if not sp.aligned]
+        assert bad == masked, (kept, bad)
+        assert all(sp.teacher_start == sp.teacher_end for sp in al.spans if not sp.aligned)
+    # an invalid byte and then a character cut off by max_new_tokens: two unaligned spans
+    ids = enc("ok") + [ff] + enc("1") + euro[:2]
+    al = align_response(ids, a, t)
+    assert al.text == "ok1" and [(sp.student_start, sp.student_end) for sp in al.spans if not sp.aligned] == \
+        [(len(enc("ok")), len(enc("ok")) + 1), (len(ids) - 2, len(ids))]
+    out = align_responses([ids, enc("12")], a, t, errors="mask")
+    assert [type(x).__name__ for x in out] == ["Alignment", "Alignment"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
