@@ -12,11 +12,16 @@ Protocol (every rank of the job calls it and iterates it to the end, in lockstep
 - Tied embeddings: `lm_head.weight` is not exported (HF ties it); the last stage's copy of the embedding is unused.
 - Peak extra memory on rank 0 is one full parameter (the largest: the embedding, or one expert-merged fc1).
 
+`export_stage_hf_weights` is the same stream cut per pipeline stage, without the funnel: each stage's first TP rank
+(of DP replica 0) gets its own stage's full tensors and nothing travels between stages, so every stage can push its
+layers to the servers itself (`rollout/weight_sync/distributed.py`); `stage_role()` says which rank that is.
+
 Expert parallelism (EP > 1) is not supported yet: a clear error. Megatron's default rank order (tp fastest, pp
 slowest) is assumed, as `parallel.initialize` sets it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -68,6 +73,48 @@ def _gather_full(m: TensorMap, shard: torch.Tensor, group) -> torch.Tensor | Non
     return layout.merge_tp_shards(m.tp, gather_list) if gather_list is not None else None
 
 
+@dataclass(frozen=True)
+class StageRole:
+    """This rank's part in a per-stage weight push: `pushes` on the first TP rank of data-parallel replica 0 of each
+    pipeline stage (the rank that holds the stage's full tensors in `export_stage_hf_weights`)."""
+
+    stage: int
+    stages: int
+    pushes: bool
+
+
+def stage_role() -> StageRole:
+    from megatron.core import parallel_state as ps
+
+    pushes = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    return StageRole(ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(), pushes)
+
+
+def _owned_full_tensors(model, spec: ModelSpec):
+    """Shared set-up of both exports (data-parallel replica 0 only): yields `(map, owner stage, dtype, device, full)`
+    for every map in HF order, where `full` is the merged Megatron tensor on the owner stage's first TP rank and None
+    elsewhere (the owner stage's TP ranks gather; the other stages do nothing for this map)."""
+    maps = tensor_maps(spec)
+    local = {k: v.detach() for k, v in canonical_parameters(model, spec).items()}
+    tp_group, etp_group, pp_group = _groups(spec)
+    device = next(iter(local.values())).device  # NCCL on GPU, gloo on CPU: communicate where the weights are
+    table = _owner_table(maps, local, pp_group, device)
+    my_stage = dist.get_rank(pp_group)
+    for i, m in enumerate(maps):
+        holders = torch.nonzero(table[:, i]).flatten().tolist()
+        if not holders:
+            raise ValueError(f"no pipeline stage holds {m.megatron}: the model does not match the ModelSpec")
+        owner = holders[0]
+        full = _gather_full(m, local[m.megatron], etp_group if m.expert else tp_group) if my_stage == owner else None
+        yield m, owner, _DTYPES[int(table[owner, i]) - 1], device, full
+
+
+def _hf_items(m: TensorMap, full: torch.Tensor | None, spec: ModelSpec, dtype):
+    if full is None:
+        return [(name, None) for name in m.hf]
+    return [(name, t if dtype is None else t.to(dtype)) for name, t in zip(m.hf, to_hf(m, full, spec))]
+
+
 @torch.no_grad()
 def export_hf_weights(
     model, spec: ModelSpec, *, dtype: torch.dtype | None = None
@@ -79,43 +126,47 @@ def export_hf_weights(
     """
     from megatron.core import parallel_state as ps
 
-    maps = tensor_maps(spec)
     if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
-        for m in maps:
+        for m in tensor_maps(spec):
             for name in m.hf:
                 yield name, None
         return
-    local = {k: v.detach() for k, v in canonical_parameters(model, spec).items()}
-    tp_group, etp_group, pp_group = _groups(spec)
-    device = next(iter(local.values())).device  # NCCL on GPU, gloo on CPU: communicate where the weights are
-    table = _owner_table(maps, local, pp_group, device)
-    pp_ranks = dist.get_process_group_ranks(pp_group)
-    my_stage = dist.get_rank(pp_group)
+    tp_group = ps.get_tensor_model_parallel_group()
+    pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     me = dist.get_rank()
     # TP rank 0 of DP replica 0 on every stage: exactly the pipeline group that contains global rank 0.
     in_rank0_pipeline = dist.get_rank(tp_group) == 0
-    for i, m in enumerate(maps):
-        holders = torch.nonzero(table[:, i]).flatten().tolist()
-        if not holders:
-            raise ValueError(f"no pipeline stage holds {m.megatron}: the model does not match the ModelSpec")
-        owner = holders[0]
-        full = None
-        if my_stage == owner:
-            full = _gather_full(m, local[m.megatron], etp_group if m.expert else tp_group)
+    for m, owner, dtype_, device, full in _owned_full_tensors(model, spec):
         if in_rank0_pipeline:
             sender = pp_ranks[owner]  # TP rank 0 of the owning stage
             if me == 0 and sender != 0:
                 shape = megatron_shape(m, spec, dist.get_world_size(tp_group))
-                full = torch.empty(shape, dtype=_DTYPES[int(table[owner, i]) - 1], device=device)
+                full = torch.empty(shape, dtype=dtype_, device=device)
                 dist.recv(full, src=sender)
             elif me == sender and sender != 0:
                 dist.send(full.contiguous(), dst=0)
-        if me == 0:
-            for name, tensor in zip(m.hf, to_hf(m, full, spec)):
-                yield name, tensor if dtype is None else tensor.to(dtype)
-        else:
-            for name in m.hf:
-                yield name, None
+        yield from _hf_items(m, full if me == 0 else None, spec, dtype)
+
+
+@torch.no_grad()
+def export_stage_hf_weights(
+    model, spec: ModelSpec, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Yield this pipeline stage's own HF tensors, for a push in which every stage sends its own layers.
+
+    On the stage's first TP rank of data-parallel replica 0 (`stage_role().pushes`): `(hf_name, full tensor)` for
+    every tensor the stage owns, in HF order; on its other TP ranks the same names with None (they take part in the
+    TP gathers, so they must iterate to the end too); on other data-parallel replicas nothing. No tensor leaves its
+    stage: the only collectives are the TP gathers and one all-gather of ownership codes over the pipeline group.
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+        return
+    my_stage = ps.get_pipeline_model_parallel_rank()
+    for m, owner, _, _, full in _owned_full_tensors(model, spec):
+        if owner == my_stage:
+            yield from _hf_items(m, full, spec, dtype)
 
 
 def iter_buckets(

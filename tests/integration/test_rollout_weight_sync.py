@@ -114,3 +114,55 @@ def test_distributed_sync_from_trainer_rank0(rollout_target):
     method, n, buckets = results[0]
     assert method == "distributed" and n == len(state) and buckets > 1
     assert_serves(rollout_target, state, "dist-1")
+
+
+def _stage_sync_on_rank(url: str, hf_dir: str, version: str, seq: list[int]) -> dict:
+    """TP2 x PP2: the student loaded from `hf_dir`, pushed stage by stage. Rank 0 returns the stats and the HF tensors
+    exported from the live model; the last stage's first TP rank, Megatron's log-probs at every position of `seq`."""
+    from megatron_topd import parallel
+    from megatron_topd.convert import export_hf_weights
+    from megatron_topd.convert.hf_to_megatron import build_model, inspect_hf_checkpoint, load_hf_weights
+    from megatron_topd.convert.verify import megatron_logits
+
+    layout = parallel.initialize(2, 2)
+    _, spec, reader, _ = inspect_hf_checkpoint(hf_dir, 2, 2)
+    model = build_model(spec, "fp32")
+    load_hf_weights(model, spec, reader)
+    sync = DistributedWeightSync([url], backend="gloo", bucket_bytes=64 * 1024, timeout_s=120)
+    try:
+        stats = sync.sync_model(model, spec, version)
+    finally:
+        sync.close()
+    exported = {name: t for name, t in export_hf_weights(model, spec) if t is not None}
+    logits = megatron_logits(model, torch.tensor([seq]), spec.vocab_size)
+    out = {}
+    if stats is not None:
+        out.update(stats=stats, exported=exported)
+    if logits is not None and layout.tp_rank == 0 and layout.dp_rank == 0:
+        out["logprobs"] = torch.log_softmax(logits[0].double(), dim=-1)
+    return out
+
+
+def test_per_stage_sync_at_tp2_pp2_serves_the_trainers_weights(rollout_target, tmp_path):
+    """Every pipeline stage pushes its own layers over its own group: afterwards the server's greedy output equals HF
+    on the weights exported from the trainer, and its log-probs of a fixed sequence equal Megatron's."""
+    from safetensors.torch import save_file
+
+    state = random_state_dict(rollout_target.spec, seed=404)
+    hf_dir = tmp_path / "student"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_bytes((rollout_target.model_dir / "config.json").read_bytes())
+    save_file(state, str(hf_dir / "model.safetensors"))
+    seq = [5, 88, 292, 383, 81, 225, 83, 7, 600, 31, 412, 9]
+    results = run_on_ranks(_stage_sync_on_rank, 4, rollout_target.url, str(hf_dir), "stages-1", seq, timeout=300)
+    assert [sorted(r) for r in results[1:]] == [[], ["logprobs"], []]
+    stats, exported = results[0]["stats"], results[0]["exported"]
+    assert stats.method == "distributed" and stats.num_tensors == len(state) and stats.num_buckets > 2
+    assert len(stats.stage_bytes) == 2 and min(stats.stage_bytes) > 0 and sum(stats.stage_bytes) == stats.num_bytes
+    assert sorted(exported) == sorted(state) and all(torch.equal(exported[k], state[k]) for k in state)
+    assert_serves(rollout_target, exported, "stages-1")
+    served = rollout_target.client().score([seq])[0]
+    megatron = results[2]["logprobs"]
+    want = torch.tensor([float(megatron[t - 1, seq[t]]) for t in range(1, len(seq))], dtype=torch.float64)
+    assert served.weight_version == "stages-1"
+    assert torch.allclose(torch.tensor(served.token_logprobs, dtype=torch.float64), want, atol=1e-4, rtol=0)

@@ -8,6 +8,7 @@ torch's).
 """
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 import torch
@@ -23,6 +24,24 @@ def listen(port: int, world_size: int, timeout_s: float) -> "torch.distributed.T
     client reaches it through loopback; the servers connect to `master_address` (this node's routable address)."""
     return torch.distributed.TCPStore("127.0.0.1", port, world_size, True, timedelta(seconds=timeout_s),
                                       wait_for_workers=False, multi_tenant=True)
+
+
+def connect_store(master_address: str, port: int, timeout_s: float) -> "torch.distributed.TCPStore":
+    """A client of rank 0's store (`listen`), for the other pipeline stages' pushing ranks (any trainer node)."""
+    return torch.distributed.TCPStore(master_address, port, None, False, timedelta(seconds=timeout_s))
+
+
+@contextlib.contextmanager
+def one_at_a_time(store: "torch.distributed.TCPStore", name: str):
+    """A first-come-first-served lock across processes, on the store: a ticket from `store.add`, then a wait for
+    the previous ticket's release key (the store's timeout bounds the wait)."""
+    ticket = store.add(f"{name}/ticket", 1)
+    if ticket > 1:
+        store.wait([f"{name}/released/{ticket - 1}"])
+    try:
+        yield
+    finally:
+        store.set(f"{name}/released/{ticket}", "1")
 
 
 def new_update_group(store: "torch.distributed.TCPStore", world_size: int, group_name: str, backend: str,
