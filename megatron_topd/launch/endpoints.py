@@ -4,6 +4,7 @@ trainer waits for the expected count, with a deadline and an error that names th
 Files carry the attempt (`<job id>.<restart count>`): a requeued job never reads the URLs of its previous run.
 A role's end is a file too: `<endpoints>/trainer.exit` holds the trainer's exit code, and the servers stop on it;
 `<endpoints>/stop` is the batch script's stop request to the trainer (see train/preemption.py).
+`<endpoints>/api_key.<attempt>` (0600) is the key every server of the attempt requires (rollout/auth.py).
 """
 from __future__ import annotations
 
@@ -129,6 +130,19 @@ def read_exit(root: str | Path) -> int | None:
     except (OSError, json.JSONDecodeError):
         return None
     return int(entry["code"]) if entry.get("attempt") == attempt_id() else None
+
+
+def use_api_key(root: str | Path) -> Path:
+    """Point this process (and the servers and clients it starts) at this attempt's API key file,
+    `<endpoints>/api_key.<attempt>` (mode 0600); the first role to ask writes it, the others read the same key."""
+    from megatron_topd.rollout.auth import KEY_FILE_ENV, create_key_file, read_key
+
+    path = Path(root) / f"api_key.{attempt_id()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    create_key_file(path)
+    read_key(path)  # fails here, naming the file, if it is not the job's user's alone
+    os.environ[KEY_FILE_ENV] = str(path)
+    return path
 
 
 STOP_FILE = "stop"
