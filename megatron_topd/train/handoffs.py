@@ -87,6 +87,8 @@ class ProbeOutcome:
     ot_sum: float = 0.0  # sum of the candidates' OT distances (this replica)
     ot_stats: dict[str, float] = field(default_factory=dict)  # quantiles and group means over the whole batch
     timings: dict[str, float] = field(default_factory=dict)  # window_s (generation), ot_s (divergence)
+    # per candidate: (row, t token-aligned, OT distance, divergent), what train/candidate_log.py records
+    candidates: list[tuple[int, int, float, bool]] = field(default_factory=list)
 
     @property
     def n_windows(self) -> int:
@@ -104,7 +106,9 @@ class ProbeOutcome:
                    n_candidates=int(probe.divergent.numel()), n_divergent=int(probe.divergent.sum()),
                    ot_sum=float(probe.ot_distances.double().sum()) if probe.ot_distances.numel() else 0.0,
                    ot_stats=dict(probe.ot_stats),  # over the whole batch already (the same on every rank)
-                   timings=dict(probe.timings))
+                   timings=dict(probe.timings),
+                   candidates=[(b, t, float(d), bool(k)) for (b, t), d, k in
+                               zip(probe.requests.owners, probe.ot_distances.tolist(), probe.divergent.tolist())])
 
 
 @dataclass

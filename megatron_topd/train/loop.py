@@ -3,6 +3,7 @@
     generate_rollouts (SGLang student servers) -> replica_rows (this data-parallel replica's share)
     -> score_replica (teacher + student forward, per-token l_t only; skipped for plain OPD)
     -> probe_replica (candidates, near-future windows from the SGLang servers, OT divergence, weights, guidance rows)
+    -> record_candidates (each candidate's OT distance, and its label when the task has one: candidates/step_k.jsonl)
     -> train_on_replica (teacher + student over groups of microbatches, TOPD loss, backward, guarded optimizer step)
     -> sync_weights (to the student servers) -> evaluate_heldout (every eval.interval steps) -> step_metrics
     -> save_checkpoint
@@ -27,6 +28,7 @@ from megatron_topd.checkpointing import prune_checkpoints, save_checkpoint, unwr
 from megatron_topd.config import Config
 from megatron_topd.models import padded_vocab_size
 from megatron_topd.rollout.step_batch import StepBatch
+from megatron_topd.rollout.weight_sync import SyncStats
 from megatron_topd.train import preemption
 from megatron_topd.train.batches import (guidance_microbatches, pad_multiple, padding_fraction, rollout_microbatches,
                                          windows_per_row)
@@ -34,7 +36,7 @@ from megatron_topd.train.dealing import deal_rows, to_last_stage
 from megatron_topd.train.distill_step import distill_step
 from megatron_topd.train.guard import NonFiniteError, agree_on_nonfinite
 from megatron_topd.train.handoffs import PassStats, ProbeOutcome, RolloutRows
-from megatron_topd.train.metrics import step_metrics
+from megatron_topd.train.metrics import step_metrics, sync_metrics
 from megatron_topd.train.objective import ObjectiveScales
 from megatron_topd.train.scoring import score_rollouts
 from megatron_topd.train.setup import Run, guidance_layout, set_up
@@ -70,12 +72,13 @@ def train_step(run: Run, step: int) -> tuple[dict, StepBatch]:
     timings["scoring_s"] = time.perf_counter() - t
     probe = probe_replica(run, step, rows, token_loss)                                        # 4-6. probe
     timings.update({"window_s": 0.0, "ot_s": 0.0, **probe.timings})
+    record_candidates(run, step, rows, token_loss, probe)                                     # 6b. their log
     t = time.perf_counter()
     result, stats = train_on_replica(run, rows, probe)                                        # 7. training pass
     timings["train_s"] = time.perf_counter() - t
     timings["rollout_wait_s"] = run.rollout_source.settle()  # async: the prefetch ends on the old weights
     t = time.perf_counter()
-    synced_bytes = sync_weights(run, step, result)                                            # 8. weight sync
+    synced = sync_weights(run, step, result)                                                  # 8. weight sync
     timings["sync_s"] = time.perf_counter() - t
     if cfg.eval.due(step + 1, cfg.train.steps):                                               # 9. held-out
         t = time.perf_counter()
@@ -83,8 +86,8 @@ def train_step(run: Run, step: int) -> tuple[dict, StepBatch]:
     metrics = step_metrics(result, stats, batch, probe, timings, time.perf_counter() - t0)   # 10. metrics
     metrics.update(planned_peak_gb=run.planned_peak_gb, prompts_skipped=float(len(run.dataset.skipped)),
                    **run.teacher.step_metrics(batch))  # a cross-tokenizer teacher's masked tokens and rows
-    if synced_bytes is not None:
-        metrics["sync_mb"] = synced_bytes / 2**20
+    if synced is not None:
+        metrics.update(sync_metrics(synced))
     return metrics, batch
 
 
@@ -172,6 +175,23 @@ def probe_replica(run: Run, step: int, rows: RolloutRows, token_loss: torch.Tens
                                      group=ps.get_pipeline_model_parallel_group())
 
 
+def record_candidates(run: Run, step: int, rows: RolloutRows, token_loss: torch.Tensor | None,
+                      probe: ProbeOutcome) -> None:
+    """candidates/step_k.jsonl (one file per data-parallel replica beyond the first): each candidate's OT distance,
+    l_t, whether it was suppressed and its ground-truth label when the task (eval.task) has one; written by each
+    replica's first rank (train/candidate_log.py)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_topd.tasks import make_task
+    from megatron_topd.train.candidate_log import candidate_rows, write_candidates
+
+    if not probe.candidates or ps.get_tensor_model_parallel_rank() != 0 or not run.layout.is_first_stage:
+        return
+    suffix = "" if run.layout.dp_rank == 0 else f".dp{run.layout.dp_rank}"
+    write_candidates(run.out / "candidates" / f"step_{step:08d}{suffix}.jsonl",
+                     candidate_rows(make_task(run.cfg.eval.task), run.tokenizer, rows, token_loss, probe.candidates))
+
+
 def train_on_replica(run: Run, rows: RolloutRows, probe: ProbeOutcome) -> tuple[StepResult, PassStats]:
     """The training pass over this replica's rollout and guidance microbatches, then one optimizer step."""
     from megatron.core import parallel_state as ps
@@ -204,15 +224,13 @@ def train_on_replica(run: Run, rows: RolloutRows, probe: ProbeOutcome) -> tuple[
                              padding_fraction=1.0 - real / max(padded, 1))
 
 
-def sync_weights(run: Run, step: int, result: StepResult) -> int | None:
-    """Push the updated student to its servers as weight version step + 1; the bytes pushed on rank 0 (None on the
-    other ranks, and when a skipped step changed no weight: the servers already hold them)."""
-    from megatron_topd.convert import export_hf_weights
-
+def sync_weights(run: Run, step: int, result: StepResult) -> SyncStats | None:
+    """Push the updated student to its servers as weight version step + 1 (the distributed sync: each pipeline stage
+    pushes its own layers); its stats, on every rank (None when a skipped step changed no weight: the servers already
+    hold them)."""
     if result.skipped:
         return None
-    stats = run.weight_sync.sync(export_hf_weights(run.student[0], run.student_spec), version=str(step + 1))
-    return None if stats is None else stats.num_bytes
+    return parallel.broadcast_object(run.weight_sync.sync_model(run.student[0], run.student_spec, str(step + 1)))
 
 
 def evaluate_heldout(run: Run, teacher_too: bool = False) -> dict | None:
