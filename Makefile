@@ -54,8 +54,20 @@ demo: setup setup-sglang
 	$(PY) -m megatron_topd.cli demo --config examples/cpu_demo.yaml
 
 # The TOPD-vs-OPD comparison (5 variants x 3 seeds on the demo's task; docs/results.md). ARGS: e.g. --seeds 0,1,2,3
+# PRESET=surface: the surface-form task, two teacher arms, 5 variants x 5 paired seeds (issue 26; docs/results.md)
 experiment: setup setup-sglang
-	$(PY) -m megatron_topd.cli experiment $(ARGS)
+	$(PY) -m megatron_topd.cli experiment $(if $(PRESET),--preset $(PRESET)) $(ARGS)
 
 clean-env:
 	rm -rf $(VENV) $(VENV_SGLANG) $(VENV_NEMORUN)
+
+# The step-time model against a measured CPU demo step, phase by phase (issue 24, docs/planning.md): a few minutes.
+.PHONY: bench-step-model
+bench-step-model: setup setup-sglang
+	$(PY) benchmarks/bench_step_time_model.py $(ARGS)
+
+# Weight sync at TP2 x PP2 to 2 CPU SGLang servers, the rank-0 funnel beside the per-stage push (issue 25,
+# docs/rollout.md): about 10 minutes on 2 cores; not part of make test. ARGS: e.g. --repeats 3 --servers 1
+.PHONY: bench-weight-sync
+bench-weight-sync: setup setup-sglang
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_weight_sync.py $(ARGS)

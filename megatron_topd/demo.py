@@ -18,16 +18,18 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_assets(root: Path) -> dict[str, Path]:
-    """The task's models and prompt files (a subprocess: it runs its own one-rank process group)."""
+def build_assets(root: Path, options: Sequence[str] = ()) -> dict[str, Path]:
+    """The task's models and prompt files (a subprocess: it runs its own one-rank process group); ``options``: more
+    of task_assets' command line (the experiment's presets pick the task and the teacher arm)."""
     from megatron_topd.task_assets import asset_paths
 
-    subprocess.run([sys.executable, "-m", "megatron_topd.task_assets", "--out", str(root)], cwd=REPO, check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    subprocess.run([sys.executable, "-m", "megatron_topd.task_assets", "--out", str(root), *options], cwd=REPO,
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     return asset_paths(root)
 
 
