@@ -101,8 +101,28 @@ class TeacherConfig:
     # auto (same when the vocabularies match, cross otherwise) | same | cross (a remote teacher with its own
     # tokenizer, teacher.kl=sampled: docs/remote_teacher.md "Teachers with another tokenizer")
     tokenizer: str = "auto"
+    # sglang (its /generate) | openai (an OpenAI-compatible /v1/completions: scores only, top-k values capped at
+    # api_max_top_k, key from the environment variable api_key_env): docs/remote_teacher.md "OpenAI-compatible"
+    api: str = "sglang"
+    api_model: str = "default"
+    api_max_top_k: int = 20
+    api_key_env: str = ""
+    deadline_s: float = 0.0  # remote: a row not scored within it (retries included) is dropped and counted; 0: none
+    temperature: float | None = None  # remote scores at this temperature; null: rollout.temperature (0 -> 1)
 
     def validate(self) -> None:
+        if self.api not in TEACHER_APIS:
+            raise ValueError(f"teacher.api={self.api!r}: use {' or '.join(TEACHER_APIS)}")
+        if self.api == "openai" and (self.placement != "remote" or self.kl == "topk"):
+            raise ValueError(f"teacher.api=openai with teacher.placement={self.placement}, teacher.kl={self.kl}: an "
+                             "OpenAI-compatible endpoint is a remote teacher whose top-k comes keyed by token text, "
+                             "not id; use teacher.placement=remote, teacher.kl=sampled")
+        if isinstance(self.api_max_top_k, bool) or not isinstance(self.api_max_top_k, int) or self.api_max_top_k < 1:
+            raise ValueError(f"teacher.api_max_top_k={self.api_max_top_k!r}: the server's cap on logprobs, >= 1")
+        if not isinstance(self.deadline_s, (int, float)) or not 0 <= self.deadline_s < math.inf:
+            raise ValueError(f"teacher.deadline_s={self.deadline_s!r}: seconds per row, >= 0 (0: no deadline)")
+        if self.temperature is not None and not 0 < self.temperature < math.inf:
+            raise ValueError(f"teacher.temperature={self.temperature!r}: use a number > 0, or null for the rollout's")
         if self.placement not in TEACHER_PLACEMENTS:
             raise ValueError(f"teacher.placement={self.placement!r}: use {' or '.join(TEACHER_PLACEMENTS)}")
         if self.tokenizer not in TEACHER_TOKENIZERS:
@@ -125,7 +145,14 @@ class TeacherConfig:
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise ValueError(f"teacher.urls[{i}]={url!r}: use a full URL such as http://node07:30000")
 
+    def scoring_temperature(self, rollout_temperature: float) -> float:
+        """The temperature of a remote teacher's scores: ``temperature``, else the rollouts' (greedy: 1)."""
+        if self.temperature is not None:
+            return float(self.temperature)
+        return float(rollout_temperature) if rollout_temperature > 0 else 1.0
 
+
+TEACHER_APIS = ("sglang", "openai")
 TEACHER_TOKENIZERS = ("auto", "same", "cross")  # topd/cross_tokenizer.py's TOKENIZER_MODES (a layer above)
 
 
@@ -151,6 +178,24 @@ def check_cross_tokenizer_variant(variant: str, eval_teacher: bool, why: str) ->
     if eval_teacher:
         raise ValueError(f"{why} with eval.teacher=true: the teacher's held-out evaluation feeds it the student's "
                          "prompt ids, which mean other strings to it; set eval.teacher=false")
+
+
+def check_openai_teacher(cfg: "Config") -> None:
+    """What an OpenAI-compatible teacher cannot do: continue prefixes (TOPD's windows) or generate for the held-out
+    evaluation (it only scores), or give more top-k values than the server allows (they are asked for at a
+    temperature other than 1, to renormalise)."""
+    t = cfg.teacher
+    if cfg.topd.variant != "opd":
+        raise ValueError(f"teacher.api=openai with topd.variant={cfg.topd.variant}: the probe needs the teacher to "
+                         "continue prefixes (SGLang's /generate); use topd.variant=opd, or teacher.api=sglang")
+    if cfg.eval.enabled and cfg.eval.teacher:
+        raise ValueError("teacher.api=openai with eval.teacher=true: the teacher's held-out evaluation generates "
+                         "through SGLang's /generate; set eval.teacher=false")
+    if t.scoring_temperature(cfg.rollout.temperature) != 1.0 and t.top_k > t.api_max_top_k:
+        raise ValueError(f"teacher.top_k={t.top_k} > teacher.api_max_top_k={t.api_max_top_k}: at temperature "
+                         f"{t.scoring_temperature(cfg.rollout.temperature)} the teacher's top-k renormalises its "
+                         f"scores and the server gives at most {t.api_max_top_k}; set teacher.top_k <= "
+                         f"{t.api_max_top_k}")
 
 
 PROMPT_OVERFLOW = ("error", "skip")
@@ -250,6 +295,8 @@ class Config:
                 spec.validate(self.parallel.tensor_parallel, self.parallel.pipeline_parallel,
                               first_stage_layers=self.parallel.first_stage_layers,
                               last_stage_layers=self.parallel.last_stage_layers)
+        if self.teacher.api == "openai":
+            check_openai_teacher(self)
         if self.teacher.tokenizer == "cross":
             check_cross_tokenizer_variant(self.topd.variant, self.eval.enabled and self.eval.teacher,
                                           "teacher.tokenizer=cross")

@@ -110,6 +110,7 @@ async def post_json(
     backoff_s: float,
     timeout: aiohttp.ClientTimeout,
     affinity: list | None = None,
+    headers: dict | None = None,
 ) -> Any:
     """POST `make_payload(attempt)` to `path` on a pool server; return `check(body, attempt)`.
 
@@ -117,6 +118,7 @@ async def post_json(
     `affinity`, a one-item list: the first attempt goes to the server URL it holds (when that one is up and free;
     None: any), and it receives the URL of the server that answered - requests that extend each other's prompts
     pass one list along so that the later ones meet the earlier ones' KV in that server's radix cache.
+    `headers`: sent with each attempt, over the session's (an OpenAI-compatible endpoint's own key).
     """
     errors: list[str] = []
     avoid = None
@@ -126,7 +128,7 @@ async def post_json(
         server = await pool.acquire(avoid, prefer=affinity[0] if affinity is not None and not attempt else None)
         url = server.url + path
         try:
-            async with session.post(url, json=make_payload(attempt), timeout=timeout) as resp:
+            async with session.post(url, json=make_payload(attempt), timeout=timeout, headers=headers) as resp:
                 text = await resp.text()
                 if resp.status >= 500:
                     raise Retryable(f"HTTP {resp.status}: {text[:300]}")

@@ -8,7 +8,8 @@
   ``sg(l_t) + sg(l_t) * (log pi_S - sg(log pi_S))`` - value l_t, gradient l_t * grad log pi_S, whose expectation
   under the student's own samples is the gradient of KL(pi_S || pi_T). A cross-tokenizer teacher (train/teacher.py
   `CrossTokenizerTeacher`) hands a per-student-token log-prob carrying the span-level signal and a ``mask``: tokens
-  without a teacher signal get l_t = 0, i.e. loss weight 0 (still counted in N_tokens).
+  without a teacher signal get l_t = 0, i.e. loss weight 0 (still counted in N_tokens). A remote teacher's row
+  scored after `teacher.deadline_s` comes masked whole, under ``topk`` and ``sampled`` alike.
 
 Every function takes logit-aligned inputs ([rows, S-1] positions predicting tokens[:, 1:]) and returns float32.
 """
@@ -45,13 +46,16 @@ def rollout_terms(logits: torch.Tensor, batch: dict, signal, *, group, vocab_siz
     logp_s = vocab_parallel_log_probs(s_logits, targets, **kw)
     with torch.no_grad():
         entropy = vocab_parallel_entropy(s_logits.detach(), **kw)
+    mask = signal.get("mask")  # tokens without a teacher signal (cross-tokenizer, scored too late): loss weight 0
+    mask = None if mask is None else mask[:, :-1].to(dev)
     if signal["kind"] == "topk":
         kl = vocab_parallel_topk_kl(s_logits, signal["topk_ids"][:, :-1].to(dev), signal["topk_logprobs"][:, :-1].to(dev),
                                     **kw)
+        kl = kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))
         return RolloutTerms(kl, kl.detach(), logp_s.detach(), logp_t, entropy)
     l_t = (logp_s - logp_t).detach()
-    if signal.get("mask") is not None:  # cross-tokenizer teacher: tokens without a signal get loss weight 0
-        l_t = torch.where(signal["mask"][:, :-1].to(dev), l_t, torch.zeros_like(l_t))
+    if mask is not None:
+        l_t = torch.where(mask, l_t, torch.zeros_like(l_t))
     return RolloutTerms(l_t + l_t * (logp_s - logp_s.detach()), l_t, logp_s.detach(), logp_t, entropy)
 
 

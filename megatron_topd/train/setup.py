@@ -296,17 +296,25 @@ def connect_servers(cfg: Config, servers: "LaunchedServers | None", vocab: int):
     from megatron_topd.rollout.client import WINDOW_PRIORITY
     from megatron_topd.rollout.config import windows_ahead
 
-    def client(urls, window_priority=None):
+    def client(urls, window_priority=None, kind=SGLangClient, **extra):
         r = cfg.rollout
-        return SGLangClient(urls, vocab_size=vocab, context_length=r.context_length,
-                            request_timeout_s=r.request_timeout_s, connect_timeout_s=r.connect_timeout_s,
-                            max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
-                            max_inflight_per_server=r.max_inflight_per_server, progress=False,
-                            window_priority=window_priority)
+        return kind(urls, vocab_size=vocab, context_length=r.context_length,
+                    request_timeout_s=r.request_timeout_s, connect_timeout_s=r.connect_timeout_s,
+                    max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
+                    max_inflight_per_server=r.max_inflight_per_server, progress=False,
+                    window_priority=window_priority, **extra)
 
     # async rollouts: the probe's windows go ahead of the next step's queued rollouts (rollout.windows_first)
     ahead = WINDOW_PRIORITY if windows_ahead(cfg.rollout, cfg.train.async_rollouts) else None
-    return client(student_urls, ahead), client(teacher_urls), student_urls
+    t = cfg.teacher
+    if t.api == "openai":  # scores from /v1/completions (config.py check_openai_teacher: OPD only)
+        from megatron_topd.rollout.openai_client import OpenAICompletionsClient
+
+        teacher = client(teacher_urls, kind=OpenAICompletionsClient, model=t.api_model, max_top_k=t.api_max_top_k,
+                         api_key_env=t.api_key_env)
+    else:
+        teacher = client(teacher_urls)
+    return client(student_urls, ahead), teacher, student_urls
 
 
 def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
@@ -337,14 +345,16 @@ def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
     error, mode = parallel.broadcast_object((error, mode))
     if error is not None:
         raise (ConnectionError if error[0] == "ConnectionError" else ValueError)(error[1])
+    signal = dict(temperature=cfg.teacher.scoring_temperature(cfg.rollout.temperature),
+                  deadline_s=cfg.teacher.deadline_s)
     if mode == "same":
-        return RemoteTeacher(client, kl=cfg.teacher.kl, top_k=cfg.teacher.top_k)
+        return RemoteTeacher(client, kl=cfg.teacher.kl, top_k=cfg.teacher.top_k, **signal)
     scoring = client
     if found is not None:  # rank 0: the teacher's ids are range-checked against the teacher's vocabulary
         scoring = copy.copy(client)
         scoring.vocab_size = _model_rows(found[1]) or len(teacher_tok)
     return CrossTokenizerTeacher(scoring, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok,
-                                 top_k=cfg.teacher.top_k)
+                                 top_k=cfg.teacher.top_k, **signal)
 
 
 def _teacher_tokenizer_path(cfg: Config, client, call) -> tuple[str, str] | None:
@@ -357,6 +367,8 @@ def _teacher_tokenizer_path(cfg: Config, client, call) -> tuple[str, str] | None
         return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
     found = (cfg.teacher.hf_path, cfg.teacher.hf_path) if cfg.teacher.hf_path else None
+    if cfg.teacher.api == "openai":  # no /model_info there: the tokenizer is teacher.hf_path's, or the student's
+        return found
     reference = AutoTokenizer.from_pretrained(cfg.teacher.hf_path).get_vocab() if found else None
     for url in client.urls:
         try:

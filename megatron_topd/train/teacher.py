@@ -11,6 +11,7 @@ group holds G of them (G=2: 1.2 GB). A guidance microbatch keeps only its weight
 """
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Protocol
 
@@ -78,15 +79,21 @@ class RemoteTeacher:
     Sizes at topd_70b with k = 64: per replica [128 rows, 16k, 64] ids (int32) + log-probs (float32) = 1.07 GB of
     host memory, on the replica's last-stage ranks only (train/dealing.py), placed into each microbatch as
     [rows_mb, S_mb, k] (docs/remote_teacher.md).
+
+    ``client``: an `SGLangClient`, or an `OpenAICompletionsClient` (`teacher.api=openai`; scores only). Scores are
+    renormalised to ``temperature`` (`at_temperature`); with ``deadline_s`` a row not scored in time is dropped
+    (masked, ``late``) and counted instead of stalling the step.
     """
 
-    def __init__(self, client, *, kl: str, top_k: int):
+    def __init__(self, client, *, kl: str, top_k: int, temperature: float = 1.0, deadline_s: float = 0.0):
         self.client, self.kl, self.top_k = client, kl, top_k
+        self.temperature, self.deadline_s = float(temperature), float(deadline_s)
 
     @property
     def rollout_top_k(self) -> int:
-        """Top-k per rollout token: k for ``topk``; 0 for ``sampled`` (the sampled token's log-prob only)."""
-        return self.top_k if self.kl == "topk" else 0
+        """Top-k per rollout token: k for ``topk``; for ``sampled`` 0 (the sampled token's log-prob only), or k at a
+        temperature other than 1 (to renormalise, `at_temperature`)."""
+        return self.top_k if self.kl == "topk" or self.temperature != 1.0 else 0
 
     @property
     def rollout_scorer(self) -> "RemoteTeacher":
@@ -108,35 +115,123 @@ class RemoteTeacher:
         return out
 
     def step_metrics(self, batch) -> dict:
-        """Metrics of this teacher's scores of a step's batch (none for a same-tokenizer teacher)."""
-        return {}
+        """`row_counts` over the step's batch (held by rank 0; the same on every rank): with a deadline
+        ``teacher_late_rows``, responses whose score came too late (dropped from the loss). A collective when
+        there are counts: every rank calls it."""
+        if not (self.deadline_s or self.counts_rows):
+            return {}
+        from megatron_topd import parallel
 
-    def score_rows(self, prompts: list[list[int]], completions: list[list[int]], *, top_k: int) -> list[dict]:
-        """Per row, the teacher's data for each completion token: ``token_logprobs [R]`` and, with ``top_k``,
-        ``topk_ids`` / ``topk_logprobs [R, k]`` (the distribution predicting that token, unscaled)."""
-        scores = self.client.score([p + c for p, c in zip(prompts, completions)], start=[len(p) for p in prompts],
-                                   top_logprobs=top_k)
-        return _score_rows(scores, top_k)
+        counts = self.row_counts(batch.teacher) if batch.teacher is not None else None
+        return parallel.broadcast_object(counts)
+
+    counts_rows = False  # metrics only with a deadline
+
+    def row_counts(self, rows: list[dict]) -> dict:
+        return {"teacher_late_rows": float(sum(bool(r.get("late")) for r in rows))}
+
+    async def ascores(self, sequences: list[list[int]], starts: list[int], top_k: int) -> list:
+        """The client's `Score` per sequence, or None for one not scored within ``deadline_s`` (its attempts and
+        their backoff included; its request is cancelled, and SGLang aborts a request whose client went away)."""
+        if not self.deadline_s:
+            return await self.client.ascore(sequences, start=starts, top_logprobs=top_k)
+
+        async def one(seq, start):
+            try:
+                (score,) = await asyncio.wait_for(self.client.ascore([seq], start=start, top_logprobs=top_k),
+                                                  self.deadline_s)
+                return score
+            except TimeoutError:
+                return None
+
+        return list(await asyncio.gather(*(one(q, s) for q, s in zip(sequences, starts))))
+
+    def rows(self, scores: list, completions: list[list[int]], top_k: int, keep_top_k: bool) -> list[dict]:
+        """Per completion: ``token_logprobs [R]`` at this teacher's temperature and, with ``keep_top_k``,
+        ``topk_ids`` / ``topk_logprobs [R, k]``; a row scored too late (None) gets zeros, ``signal_mask`` all
+        False (loss weight 0) and ``late``."""
+        rows = []
+        for score, ids in zip(scores, completions):
+            if score is None:
+                row = {"token_logprobs": torch.zeros(len(ids)), "signal_mask": torch.zeros(len(ids), dtype=torch.bool),
+                       "late": True}
+                if keep_top_k:
+                    row["topk_ids"] = torch.arange(top_k, dtype=torch.int32).repeat(len(ids), 1)
+                    row["topk_logprobs"] = torch.full((len(ids), top_k), -math.log(top_k + 1))
+            else:
+                token_lp, top_ids, top_lp = self.scaled(score, ids)
+                row = {"token_logprobs": token_lp.float()}
+                if keep_top_k:
+                    row["topk_ids"], row["topk_logprobs"] = top_ids.to(torch.int32), top_lp.float()
+            rows.append(row)
+        return rows
+
+    def scaled(self, score, ids: list[int]):
+        """A `Score` of tokens ``ids`` as float64 (token log-probs [R], top-k ids [R, k], top-k log-probs [R, k])
+        at this teacher's temperature (`at_temperature`; the top-k is None when none was asked for)."""
+        token_lp = torch.tensor(score.token_logprobs, dtype=torch.float64)
+        if not score.top_logprobs:
+            if self.temperature != 1.0:
+                raise ValueError(f"scores at temperature {self.temperature} need the teacher's top-k: ask for k > 0")
+            return token_lp, None, None
+        pairs = torch.tensor(score.top_logprobs, dtype=torch.float64)  # [R, k, (id, log-prob)]: one C-level pass
+        top_ids, top_lp = pairs[..., 0].long(), pairs[..., 1].contiguous()  # ids < 2**53 are exact in float64
+        if self.temperature != 1.0:
+            vocab = self.client.vocab_size
+            token_lp, top_lp = at_temperature(token_lp, top_ids, top_lp, torch.tensor(ids), self.temperature,
+                                              complete=vocab is not None and top_ids.shape[-1] >= vocab)
+        return token_lp, top_ids, top_lp
+
+    def score_rows(self, prompts: list[list[int]], completions: list[list[int]], *, top_k: int,
+                   keep_top_k: bool = True) -> list[dict]:
+        """Per row, the teacher's data for each completion token (`rows`)."""
+        scores = asyncio.run(self.ascores([p + c for p, c in zip(prompts, completions)], [len(p) for p in prompts],
+                                          top_k))
+        return self.rows(scores, completions, top_k, keep_top_k=keep_top_k and bool(top_k))
 
     async def ascore_samples(self, prompt: list[int], completions: list[list[int]]) -> list[dict]:
         """`score_rollouts` for one prompt's samples, awaited as soon as they are generated (the rollout source
         calls it per prompt, so scoring overlaps the generation of the other prompts)."""
-        scores = await self.client.ascore([prompt + c for c in completions], start=len(prompt),
-                                          top_logprobs=self.rollout_top_k)
-        return _score_rows(scores, self.rollout_top_k)
+        k = self.rollout_top_k
+        scores = await self.ascores([prompt + c for c in completions], [len(prompt)] * len(completions), k)
+        return self.rows(scores, completions, k, keep_top_k=self.kl == "topk")
 
     def with_own_client(self) -> "RemoteTeacher":
         """The same teacher on a fresh connection pool (for a background thread's event loop)."""
-        return RemoteTeacher(self.client.with_own_pool(), kl=self.kl, top_k=self.top_k)
+        return RemoteTeacher(self.client.with_own_pool(), kl=self.kl, top_k=self.top_k, temperature=self.temperature,
+                             deadline_s=self.deadline_s)
 
     def score_rollouts(self, prompts, responses) -> list[dict]:
-        return self.score_rows(prompts, responses, top_k=self.rollout_top_k)
+        return self.score_rows(prompts, responses, top_k=self.rollout_top_k, keep_top_k=self.kl == "topk")
 
     def score_guidance(self, tokens: torch.Tensor, lengths: torch.Tensor, window_start: torch.Tensor) -> list[dict]:
         """Top-k at every window position of each guidance row (L_traj uses them under topk and sampled alike)."""
         prefixes = [tokens[i, : int(window_start[i])].tolist() for i in range(tokens.shape[0])]
         windows = [tokens[i, int(window_start[i]) : int(lengths[i])].tolist() for i in range(tokens.shape[0])]
         return self.score_rows(prefixes, windows, top_k=self.top_k)
+
+
+def at_temperature(token_lp: torch.Tensor, top_ids: torch.Tensor, top_lp: torch.Tensor, token_ids: torch.Tensor,
+                   temperature: float, *, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs at temperature T from the server's T = 1 ones (SGLang ignores the temperature for input log-probs):
+    log softmax(z / T) = log p / T - log Z_T, Z_T = sum_v p_v^(1/T), summed over the top-k, the scored token when
+    it is not among them, and the rest of the vocabulary as one bucket of mass r (as the top-k estimator's tail
+    bucket): r^(1/T). Exact when the top-k is the whole vocabulary (``complete``) or the rest is one token; else
+    r^(1/T) bounds the rest's true sum from above for T < 1 and from below for T > 1. ``top_ids`` < 0 (ids not
+    known: an OpenAI-compatible server) counts the token among the top-k when its log-prob reaches the k-th's.
+    Returns (token log-probs [R], top-k log-probs [R, k]) at T, float64."""
+    a = 1.0 / temperature
+    token_lp, top_lp = token_lp.double(), top_lp.double()
+    if bool((top_ids >= 0).all()):
+        in_top = (top_ids == token_ids[:, None]).any(-1)
+    else:
+        in_top = token_lp >= top_lp.min(-1).values - 1e-6
+    own = torch.where(in_top, torch.zeros_like(token_lp), token_lp.exp())
+    rest = torch.zeros_like(token_lp) if complete else (1.0 - top_lp.exp().sum(-1) - own).clamp_min(0.0)
+    terms = torch.cat([a * top_lp, torch.where(in_top, -math.inf, a * token_lp)[:, None],
+                       (a * rest.log())[:, None]], dim=-1)
+    log_z = torch.logsumexp(terms, -1)
+    return a * token_lp - log_z, a * top_lp - log_z[:, None]
 
 
 class CrossTokenizerTeacher(RemoteTeacher):
@@ -159,10 +254,11 @@ class CrossTokenizerTeacher(RemoteTeacher):
 
     wants_sample_context = True  # the rollout source passes each sample's log-probs and the prompt's dataset row
 
-    def __init__(self, client, *, student_tokenizer, teacher_tokenizer, top_k: int = 1, special_map=None):
+    def __init__(self, client, *, student_tokenizer, teacher_tokenizer, top_k: int = 1, special_map=None,
+                 temperature: float = 1.0, deadline_s: float = 0.0):
         from megatron_topd.topd.cross_tokenizer import default_special_map
 
-        super().__init__(client, kl="sampled", top_k=top_k)
+        super().__init__(client, kl="sampled", top_k=top_k, temperature=temperature, deadline_s=deadline_s)
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         if special_map is None:  # ranks other than 0 hold no tokenizers: they never score
             special_map = default_special_map(student_tokenizer, teacher_tokenizer) if teacher_tokenizer else {}
@@ -171,7 +267,8 @@ class CrossTokenizerTeacher(RemoteTeacher):
     def with_own_client(self) -> "CrossTokenizerTeacher":
         return CrossTokenizerTeacher(self.client.with_own_pool(), student_tokenizer=self.student_tokenizer,
                                      teacher_tokenizer=self.teacher_tokenizer, top_k=self.top_k,
-                                     special_map=self.special_map)
+                                     special_map=self.special_map, temperature=self.temperature,
+                                     deadline_s=self.deadline_s)
 
     def teacher_prompt(self, prompt: list[int], prompt_row: dict | None = None) -> list[int]:
         """The prompt in the teacher's tokens (class docstring)."""
@@ -210,9 +307,10 @@ class CrossTokenizerTeacher(RemoteTeacher):
         room = self.client.context_length  # a row the teacher's context cannot hold gets no signal (counted)
         scored = [k for k, al in enumerate(alignments) if isinstance(al, Alignment) and al.teacher_ids
                   and (room is None or len(t_prompt) + len(al.teacher_ids) <= room)]
-        scores = await self.client.ascore([t_prompt + alignments[k].teacher_ids for k in scored], start=len(t_prompt),
-                                          top_logprobs=0) if scored else []
-        by_row = dict(zip(scored, scores))
+        scores = await self.ascores([t_prompt + alignments[k].teacher_ids for k in scored], [len(t_prompt)] * len(scored),
+                                    self.rollout_top_k) if scored else []
+        by_row = {k: self.scaled(sc, alignments[k].teacher_ids)[0] for k, sc in zip(scored, scores) if sc is not None}
+        late = {k for k, sc in zip(scored, scores) if sc is None}
         rows = []
         for k, ids in enumerate(completions):
             s_lp = torch.tensor([float("nan") if x is None else float(x) for x in student_logprobs[k]],
@@ -220,7 +318,7 @@ class CrossTokenizerTeacher(RemoteTeacher):
             if len(s_lp) != len(ids):
                 raise ValueError(f"sample {k}: {len(ids)} tokens but {len(s_lp)} log-probs")
             if k in by_row:
-                sig = span_log_ratio(alignments[k], s_lp, by_row[k].token_logprobs)
+                sig = span_log_ratio(alignments[k], s_lp, by_row[k])
                 token_lp = teacher_logprobs_on_student_tokens(sig, s_lp)
                 mask = sig.mask & torch.isfinite(token_lp)
                 token_lp = torch.where(mask, token_lp, torch.zeros_like(token_lp))
@@ -228,7 +326,7 @@ class CrossTokenizerTeacher(RemoteTeacher):
                 mask = torch.zeros(len(ids), dtype=torch.bool)
                 token_lp = torch.zeros(len(ids), dtype=torch.float64)
             rows.append({"token_logprobs": token_lp.float(), "signal_mask": mask,
-                         "aligned": isinstance(alignments[k], Alignment)})
+                         "aligned": isinstance(alignments[k], Alignment), "late": k in late})
         return rows
 
     def score_rollouts(self, prompts, responses) -> list[dict]:
@@ -239,31 +337,16 @@ class CrossTokenizerTeacher(RemoteTeacher):
         raise NotImplementedError("guidance along the teacher's windows across tokenizers is not built yet: "
                                   "teacher.tokenizer=cross runs topd.variant=opd")
 
-    def step_metrics(self, batch) -> dict:
+    counts_rows = True  # metrics every step, deadline or not
+
+    def row_counts(self, rows: list[dict]) -> dict:
         """``cross_tokenizer_masked_tokens`` (response tokens without a teacher signal, weight 0),
-        ``cross_tokenizer_unaligned_rows`` (responses that could not be aligned at all, all their tokens masked)
-        and ``cross_tokenizer_response_tokens``, over the step's batch (held by rank 0; the same on every rank).
-        A collective: every rank calls it."""
-        from megatron_topd import parallel
-
-        counts = None
-        if batch.teacher is not None:
-            counts = {"cross_tokenizer_masked_tokens": float(sum(int((~r["signal_mask"]).sum()) for r in batch.teacher)),
-                      "cross_tokenizer_unaligned_rows": float(sum(not r["aligned"] for r in batch.teacher)),
-                      "cross_tokenizer_response_tokens": float(sum(len(r["signal_mask"]) for r in batch.teacher))}
-        return parallel.broadcast_object(counts)
-
-
-def _score_rows(scores, top_k: int) -> list[dict]:
-    """Client `Score`s -> per-row tensors (see `RemoteTeacher.score_rows`)."""
-    rows = []
-    for s in scores:
-        row = {"token_logprobs": torch.tensor(s.token_logprobs, dtype=torch.float32)}
-        if top_k:
-            row["topk_ids"] = torch.tensor([[i for i, _ in pos] for pos in s.top_logprobs], dtype=torch.int32)
-            row["topk_logprobs"] = torch.tensor([[lp for _, lp in pos] for pos in s.top_logprobs], dtype=torch.float32)
-        rows.append(row)
-    return rows
+        ``cross_tokenizer_unaligned_rows`` (responses that could not be aligned at all, all their tokens masked),
+        ``cross_tokenizer_response_tokens`` and ``teacher_late_rows``."""
+        return {"cross_tokenizer_masked_tokens": float(sum(int((~r["signal_mask"]).sum()) for r in rows)),
+                "cross_tokenizer_unaligned_rows": float(sum(not r["aligned"] for r in rows)),
+                "cross_tokenizer_response_tokens": float(sum(len(r["signal_mask"]) for r in rows)),
+                **super().row_counts(rows)}
 
 
 def teacher_fields(teacher_rows: list[dict], idx: list[int], starts: list[int], width: int, k: int) -> dict:
