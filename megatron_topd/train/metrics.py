@@ -149,6 +149,13 @@ def step_metrics(result, stats, batch, probe, timings: dict, step_s: float) -> d
     }
 
 
+def sync_metrics(stats) -> dict:
+    """A weight sync's volume (its seconds are the step's sync_s): `sync_mb` in all, and `sync_stage{p}_mb` per
+    pipeline stage when each stage pushed its own layers."""
+    per_stage = {f"sync_stage{p}_mb": b / 2**20 for p, b in enumerate(stats.stage_bytes or [])}
+    return {"sync_mb": stats.num_bytes / 2**20, **per_stage}
+
+
 def probe_metrics(p) -> dict:
     """The paper's diagnostics of a `ProbeOutcome`, summed over data-parallel replicas, and the OT distances'
     quantiles and the mean OT of the suppressed / kept candidates over the whole batch (for calibrating
