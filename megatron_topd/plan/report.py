@@ -30,6 +30,8 @@ def phases_table(p: Problem, plan: Plan):
         table.add_column(name, justify="left" if name == "phase" else "right", no_wrap=True)
     for name, seconds in est.phases.items():
         table.add_row(name, f"{seconds:.1f}", f"{seconds / est.total:.0%}")
+        for part, part_s in est.detail.items() if name == "windows" else ():  # asked at once: the slower counts
+            table.add_row(f"  {part}", f"{part_s:.1f}", "")
     return table
 
 
@@ -51,7 +53,8 @@ def choice_dict(p: Problem, choice: Choice, given: Plan | None = None) -> dict:
         "overrides": choice.best.layout.overrides() if choice.best else None,
         "plan": choice.best.to_dict() if choice.best else None,
         "step_seconds_estimate": round(p.seconds(choice.best), 2) if choice.best else None,
-        "step_phases_seconds": ({k: round(v, 2) for k, v in p.phases(choice.best).phases.items()}
+        "step_phases_seconds": ({k: round(v, 2) for k, v in {**p.phases(choice.best).phases,
+                                                             **p.phases(choice.best).detail}.items()}
                                 if choice.best else None),
         "alternatives": [{"layout": a.layout.short(), "peak_gb": round(a.peak_bytes / GB, 1),
                           "step_seconds_estimate": round(p.seconds(a), 2)} for a in choice.alternatives],

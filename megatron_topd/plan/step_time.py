@@ -1,47 +1,47 @@
-"""Seconds per phase of one TOPD step on a GPU cluster: what the planner prints beside the memory plan.
+"""Seconds per phase of one TOPD step on a device (plan/devices.py): what the planner prints beside the memory plan.
 
 `speed.step_seconds` ranks trainer layouts by the training pass alone; a TOPD step is far more than that pass, and
-on the cluster most of it is outside the trainer (generation, the probe's windows). Each phase here is a roofline
-estimate from its dominant cost, on H100 SXM figures (`GpuProfile`), with the step's token counts:
+on the cluster most of it is outside the trainer (generation, the probe's windows). Each phase is its dominant costs
+on a `DeviceProfile` (H100 by default), with the step's token counts:
 
-- generation: the student's servers decode ``rows x response`` tokens; a decode step of a batch reads the weights
-  once and every running sequence's KV cache (memory-bound), so tokens/s = batch / (bytes read / HBM bandwidth);
+- generation: each student server prefills its prompts, then decodes. A decode step reads the weights once and
+  every running sequence's KV cache (memory-bound) and pays a fixed per-step cost plus a per-sequence one (CPU);
+  the step count is the longest response per wave of sequences the server runs at once (a wave's short responses
+  do not end it early), the per-sequence costs follow the tokens actually generated;
 - scoring pass (TOPD): the co-located teacher's forward and the student's forward over the rollouts;
 - probe windows: the teacher's server prefills every candidate's prefix (its radix cache holds nothing of the row:
   about 1.5x the row's tokens for 3 nested prefixes, docs/throughput.md) and decodes K tokens per window; the
-  student's server decodes its K tokens on cached prefixes;
-- OT: per-window EMD on K x K costs, on the first-stage ranks' CPUs (small);
+  student's server decodes its K tokens on cached prefixes. Both are asked at once (topd/probe.py): the phase is
+  the slower of the two;
+- OT: per window pair its K x K cosine costs and exact EMD, split over the tensor-parallel ranks of each replica
+  (topd/divergence.py), and that split's two all-reduces;
 - training pass: the co-located teacher's forward again, the student's forward and backward over the rollouts and
-  the guidance rows (as rows: prefix + window; `train.guidance_layout=rows` under Transformer Engine);
-- weight sync: the student's bf16 weights through global rank 0 (gathered over TP and PP), then broadcast to every
-  student server (docs/rollout.md; issue 25 removes the funnel);
+  the guidance rows (``rows``: prefix + window each, as under Transformer Engine; ``shared_prefix``: K tokens per
+  window inside its rollout row, Megatron's local layers);
+- weight sync: one call to the servers, the student's weights through global rank 0 (gathered over TP, one
+  all-gather per tensor, and PP), then broadcast to every student server (docs/rollout.md);
 - checkpoint: the dist checkpoint (weights, fp32 main params, Adam moments) written at a filesystem bandwidth,
   amortised over ``save_interval`` steps.
 
-It is a model for planning, stated with its assumptions; on a GPU, the acceptance run (scripts/gpu_acceptance.sh)
-measures what it predicts.
+A trainer pass is its FLOPs at the device's rate (GPU: x `speed.trainer_mfu`, which holds every other cost) plus the
+device's per-call costs: per microbatch each layer's forward (or forward + backward), the model outside its layers,
+the tensor-parallel all-reduces (two of [tokens, h] per layer and direction, the embedding's, the loss's two small
+ones per call), and one Megatron schedule call per group of microbatches; pipeline bubbles scale it all; the
+training pass adds one optimizer step's calls.
+It is a model for planning, stated with its assumptions; `benchmarks/bench_step_time_model.py` checks its shares
+against a measured CPU demo step, and on a GPU the acceptance run (scripts/gpu_acceptance.sh) measures the rest.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from megatron_topd.models.spec import ModelSpec
+from megatron_topd.plan.devices import H100, DeviceProfile
 from megatron_topd.plan.layout import Layout
 from megatron_topd.plan.model_state import total_params
 from megatron_topd.plan.rollout import kv_bytes_per_token
-from megatron_topd.plan.speed import PEAK_FLOPS, forward_flops_per_token, pipeline_bubble, trainer_mfu
-
-
-@dataclass(frozen=True)
-class GpuProfile:
-    """H100 SXM: HBM 3.35 TB/s, dense bf16 989 TFLOP/s; what a real run reaches of them (the `*_efficiency`)."""
-
-    hbm_bytes_per_s: float = 3.35e12
-    decode_efficiency: float = 0.6  # of HBM bandwidth in a decode step
-    prefill_mfu: float = 0.5
-    inter_node_bytes_per_s: float = 50e9  # 400 Gb/s per node (one NIC's worth for a broadcast tree)
-    filesystem_bytes_per_s: float = 20e9  # parallel filesystem, the job's aggregate write bandwidth
-    ot_seconds_per_window: float = 2e-3  # exact EMD of a K=50 window pair on one CPU core (topd/ot.py)
+from megatron_topd.plan.speed import forward_flops_per_token, pipeline_bubble, trainer_mfu
 
 
 @dataclass
@@ -51,19 +51,36 @@ class TopdStep:
     rows: int = 256  # rollouts per step (prompts x samples)
     prompt_tokens: int = 384
     response_tokens: int = 8000  # mean generated tokens per rollout
+    longest_response: int | None = None  # the longest rollout of a wave (None: twice the mean, max_new_tokens)
     candidates_per_row: int = 3  # topd.top_k
     window: int = 50  # topd.window
     divergent_share: float = 0.7  # 1 - topd.low_fraction: candidates that become guidance rows
     student_servers: int = 8  # one per node at TP8
     teacher_servers: int = 1
-    decode_batch: int = 64  # sequences a student server runs at once
+    decode_batch: int = 64  # sequences a server runs at once
+    server_kv_tokens: int | None = None  # KV tokens a server holds (None: decode_batch binds first)
     save_interval: int = 25
     variant: str = "topd"
+    guidance_layout: str = "rows"  # rows | shared_prefix (train.guidance_layout as resolved)
+    dtype_bytes: int = 2  # weights and activations (bf16; the CPU demo runs fp32)
+
+    @property
+    def longest(self) -> int:
+        return self.longest_response or 2 * self.response_tokens
+
+    @property
+    def row_tokens(self) -> int:
+        return self.prompt_tokens + self.response_tokens
+
+    @property
+    def windows(self) -> int:
+        return self.rows * self.candidates_per_row
 
 
 @dataclass
 class StepTime:
     phases: dict[str, float] = field(default_factory=dict)
+    detail: dict[str, float] = field(default_factory=dict)  # parts of a phase (the windows' two servers)
 
     @property
     def total(self) -> float:
@@ -73,63 +90,116 @@ class StepTime:
         return {k: v / self.total for k, v in self.phases.items()}
 
 
-def _decode_seconds(spec: ModelSpec, tokens: float, context: float, batch: int, servers: int, gpus_per_server: int,
-                    gpu: GpuProfile) -> float:
-    """``tokens`` generated over ``servers``, each decoding ``batch`` sequences of mean length ``context``."""
-    weight_bytes = 2 * total_params(spec)  # bf16, read once per decode step
-    kv_bytes = batch * context * kv_bytes_per_token(spec)
-    step_s = (weight_bytes + kv_bytes) / (gpus_per_server * gpu.hbm_bytes_per_s * gpu.decode_efficiency)
-    return tokens / (batch * servers) * step_s
+def _server_seconds(spec: ModelSpec, step: TopdStep, device: DeviceProfile, *, requests: float, prefill: float,
+                    new_tokens: float, wave_steps: int, context: float, longest_context: float, servers: int,
+                    gpus_per_server: int) -> float:
+    """``requests`` spread over ``servers``: prefill ``prefill`` tokens, then decode ``new_tokens`` in waves of at
+    most `decode_batch` sequences (or what the KV pool holds at ``longest_context`` tokens each), ``wave_steps``
+    decode steps per wave; ``context``: a running sequence's mean length (the KV it reads per step)."""
+    per_server = requests / servers
+    resident = step.decode_batch if step.server_kv_tokens is None else \
+        max(1, min(step.decode_batch, int(step.server_kv_tokens // longest_context)))
+    waves = math.ceil(per_server / resident)
+    bandwidth = gpus_per_server * device.memory_bytes_per_s * device.decode_efficiency
+    weights = step.dtype_bytes * total_params(spec)
+    prefill_s = per_server * device.prefill_request_s + prefill / servers * forward_flops_per_token(
+        spec, int(longest_context)) / (gpus_per_server * device.flops * device.prefill_mfu)
+    steps_s = waves * wave_steps * (device.decode_step_overhead_s + weights / bandwidth)
+    per_token = device.decode_seq_step_s + context * kv_bytes_per_token(spec, step.dtype_bytes) / bandwidth
+    return prefill_s + steps_s + new_tokens / servers * per_token
 
 
-def _flop_seconds(flops: float, gpus: int, efficiency: float) -> float:
-    return flops / (gpus * PEAK_FLOPS["bf16"] * efficiency)
+def _microbatches(rows_per_replica: float, width: float, budget: int) -> int:
+    """Rows of ``width`` tokens packed under the token budget (train/batches.py packs longest first)."""
+    return math.ceil(rows_per_replica / max(1, budget // max(1, math.ceil(width / 8) * 8)))
+
+
+def _pass_seconds(spec: ModelSpec, tokens: float, microbatches: int, layout: Layout, device: DeviceProfile, *,
+                  seq: int, fp8: bool, train: bool, recompute: bool, dtype_bytes: int, loss_calls: int,
+                  group: int) -> float:
+    """One model over ``tokens`` (the whole step) in ``microbatches`` per replica, in schedules of ``group``
+    microbatches, with ``loss_calls`` vocabulary-parallel loss calls per microbatch; before the pipeline bubble."""
+    mfu = trainer_mfu(layout) if device.mfu_from_layout else 1.0
+    rate = device.flops * (device.fp8_speedup if fp8 else 1.0) * mfu
+    passes = (4 if recompute else 3) if train else 1  # forward + backward (+ the recomputed forward)
+    compute = tokens * forward_flops_per_token(spec, seq) * passes / (layout.gpus * rate)
+    layers = spec.num_layers / layout.pp
+    calls = (device.model_train_s if train else device.model_forward_s) + layers * (
+        device.layer_train_s if train else device.layer_forward_s)
+    if layout.tp > 1:
+        # all-reduces of [tokens, h]: two per layer and direction (the row-parallel outputs forward, the
+        # column-parallel inputs' gradients backward), the embedding's output, the output layer's input gradient;
+        # and each vocabulary-parallel loss call's max and sum over [tokens, 1-2] (losses/_dense.py)
+        mb_tokens = tokens / layout.dp / max(1, microbatches)
+        wide = (4 * layers + 2 if train else 2 * layers + 1)
+        calls += (wide + 2 * loss_calls) * device.collective_latency_s + \
+            wide * mb_tokens * spec.hidden_size * dtype_bytes / device.collective_bytes_per_s
+    return compute + microbatches * calls + math.ceil(microbatches / group) * device.schedule_call_s
 
 
 def step_time(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, step: TopdStep, *, seq: int,
               microbatches_per_step: int, gpus_per_node: int = 8, fp8: bool = False,
-              gpu: GpuProfile = GpuProfile()) -> StepTime:
+              device: DeviceProfile = H100) -> StepTime:
     colocated = teacher is not None and layout.placement == "colocated"
-    row_tokens = step.prompt_tokens + step.response_tokens
-    rollout_tokens = step.rows * row_tokens
+    rollout_tokens = step.rows * step.row_tokens
     out = StepTime()
-    out.phases["generation"] = _decode_seconds(
-        student, step.rows * step.response_tokens, step.prompt_tokens + step.response_tokens / 2, step.decode_batch,
-        step.student_servers, gpus_per_node, gpu)
+    gen_context = step.prompt_tokens + step.response_tokens / 2
+    out.phases["generation"] = _server_seconds(
+        student, step, device, requests=step.rows, prefill=step.rows * step.prompt_tokens,
+        new_tokens=step.rows * step.response_tokens, wave_steps=step.longest, context=gen_context,
+        longest_context=step.prompt_tokens + step.longest, servers=step.student_servers, gpus_per_server=gpus_per_node)
 
-    mfu = trainer_mfu(layout)
-    peak = PEAK_FLOPS["fp8" if fp8 else "bf16"] / PEAK_FLOPS["bf16"]
-    student_fwd = forward_flops_per_token(student, seq)
-    teacher_fwd = forward_flops_per_token(teacher, seq) if colocated else 0.0
-    probe = step.variant != "opd"
-    if probe:
-        bubble = pipeline_bubble(layout, microbatches_per_step, colocated)
-        out.phases["scoring"] = _flop_seconds(rollout_tokens * (student_fwd + teacher_fwd) * bubble,
-                                              layout.gpus, mfu * peak)
-        windows = step.rows * step.candidates_per_row
+    budget, rows_per_replica = layout.max_tokens_per_microbatch, step.rows / layout.dp
+    bubble = pipeline_bubble(layout, microbatches_per_step, colocated)
+    kw = dict(layout=layout, device=device, seq=seq, fp8=fp8, dtype_bytes=step.dtype_bytes,
+              group=layout.teacher_group_microbatches if colocated else 10**9)
+    rollout_mbs = _microbatches(rows_per_replica, step.row_tokens, budget)
+    windows = step.windows
+    if step.variant != "opd":
+        scoring = _pass_seconds(student, rollout_tokens, rollout_mbs, train=False, recompute=False, loss_calls=1,
+                                **kw)
+        if colocated:
+            scoring += _pass_seconds(teacher, rollout_tokens, rollout_mbs, train=False, recompute=False,
+                                     loss_calls=0, **kw)
+        out.phases["scoring"] = scoring * bubble
+        window_context = step.row_tokens / 2 + step.window  # a prefix of half the row, then the window
+        server = dict(requests=windows, new_tokens=windows * step.window, wave_steps=step.window,
+                      context=window_context - step.window / 2, longest_context=window_context)
+        parts = {"student_windows": _server_seconds(student, step, device, prefill=0.0,
+                                                    servers=step.student_servers, gpus_per_server=gpus_per_node,
+                                                    **server)}
         if teacher is not None:  # the teacher's server: prefill the nested prefixes, decode K per window
-            prefill = 1.5 * step.rows * row_tokens * forward_flops_per_token(teacher, seq)
-            out.phases["teacher_windows"] = _flop_seconds(prefill, step.teacher_servers * gpus_per_node,
-                                                          gpu.prefill_mfu) + _decode_seconds(
-                teacher, windows * step.window, row_tokens / 2, min(windows, step.decode_batch),
-                step.teacher_servers, gpus_per_node, gpu)
-        out.phases["student_windows"] = _decode_seconds(student, windows * step.window, row_tokens / 2,
-                                                        min(windows, step.decode_batch), step.student_servers,
-                                                        gpus_per_node, gpu)
-        out.phases["ot"] = windows * gpu.ot_seconds_per_window / max(1, layout.dp)
-    guidance_tokens = 0.0
-    if step.variant == "topd":  # guidance rows: the rollout's prefix (half the row on average) + the window
-        guidance_tokens = step.rows * step.candidates_per_row * step.divergent_share * (row_tokens / 2 + step.window)
-    train_tokens = rollout_tokens + guidance_tokens
-    backward = 4 if layout.recompute == "full" else 3  # forward + backward (+ the recomputed forward)
-    train_flops = train_tokens * (student_fwd * backward + teacher_fwd)
-    out.phases["training"] = _flop_seconds(train_flops * pipeline_bubble(layout, microbatches_per_step, colocated),
-                                           layout.gpus, mfu * peak)
-    weight_bytes = 2 * total_params(student)
-    # Gathered to rank 0 (over TP within a node, then each stage's share over the network), then broadcast.
-    out.phases["weight_sync"] = weight_bytes * (1 - 1 / layout.pp) / gpu.inter_node_bytes_per_s + \
-        weight_bytes / gpu.inter_node_bytes_per_s
-    checkpoint_bytes = total_params(student) * (2 + 4 + 4 + 4)  # bf16 weights, fp32 main params, Adam m and v
-    out.phases["checkpoint"] = checkpoint_bytes / gpu.filesystem_bytes_per_s / step.save_interval
+            parts["teacher_windows"] = _server_seconds(teacher, step, device, prefill=1.5 * rollout_tokens,
+                                                       servers=step.teacher_servers, gpus_per_server=gpus_per_node,
+                                                       **server)
+        out.detail.update(parts)
+        out.phases["windows"] = max(parts.values())  # both servers are asked at once
+        # each replica's pairs dealt over its TP ranks; the embedding lookup's and the results' all-reduces
+        out.phases["ot"] = windows * device.ot_seconds_per_window / (layout.dp * layout.tp) + \
+            (2 * device.collective_latency_s if layout.tp > 1 else 0.0)
+    train_tokens, train_mbs = float(rollout_tokens), rollout_mbs
+    if step.variant == "topd":
+        guidance = windows * step.divergent_share
+        if step.guidance_layout == "shared_prefix":  # K tokens per window, inside its rollout row
+            train_tokens += guidance * step.window
+            train_mbs = _microbatches(rows_per_replica, step.row_tokens + guidance / step.rows * step.window, budget)
+        else:  # a row of its own: the rollout's prefix (half the row on average) + the window
+            width = step.row_tokens / 2 + step.window
+            train_tokens += guidance * width
+            train_mbs += _microbatches(guidance / layout.dp, width, budget)
+    losses = 2 if step.variant == "topd" else 1  # the rollout terms, and the guidance KL
+    training = _pass_seconds(student, train_tokens, train_mbs, train=True, recompute=layout.recompute == "full",
+                             loss_calls=losses, **kw)
+    if colocated:
+        training += _pass_seconds(teacher, train_tokens, train_mbs, train=False, recompute=False, loss_calls=0, **kw)
+    out.phases["training"] = training * bubble + device.optimizer_step_s
+    weight_bytes = step.dtype_bytes * total_params(student)
+    # One call to the servers; the weights gathered to rank 0 (over TP within a node, one all-gather per HF tensor:
+    # 9 per layer + embedding, final norm, output layer; then each stage's share over the network), then broadcast.
+    gathers = (9 * student.num_layers + 3) * device.collective_latency_s if layout.tp > 1 else 0.0
+    out.phases["weight_sync"] = device.server_call_s + gathers + (
+        weight_bytes * (1 - 1 / layout.pp) + weight_bytes) / device.inter_node_bytes_per_s
+    # weights, Adam m and v, and an fp32 main copy when the weights are not fp32
+    checkpoint_bytes = total_params(student) * (step.dtype_bytes + 8 + (4 if step.dtype_bytes < 4 else 0))
+    out.phases["checkpoint"] = checkpoint_bytes / device.filesystem_bytes_per_s / step.save_interval
     return out
-

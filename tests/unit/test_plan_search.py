@@ -85,5 +85,7 @@ def test_plan_layout_takes_the_models_and_the_nodes_from_the_config(tmp_path):
     assert doc["nodes"]["trainer"] == 2 and doc["given"]["layout"]["dp"] == 2  # 16 GPUs at TP8
     assert doc["assumptions"]["rollouts_per_step"] == 256 and doc["given"]["fits"]
     phases = doc["step_phases_seconds"]
-    assert set(phases) >= {"generation", "scoring", "teacher_windows", "training", "weight_sync", "checkpoint"}
+    assert set(phases) >= {"generation", "scoring", "windows", "teacher_windows", "student_windows", "training",
+                           "weight_sync", "checkpoint"}
+    assert phases["windows"] == max(phases["teacher_windows"], phases["student_windows"])  # asked at once
     assert all(v > 0 for v in phases.values())

@@ -1,0 +1,60 @@
+"""The step-time model's structure (plan/step_time.py): what each phase counts, on the H100 and the CPU profiles.
+Its figures against a measured step are benchmarks/bench_step_time_model.py's (docs/planning.md)."""
+from dataclasses import replace
+
+import pytest
+
+from megatron_topd.plan import Layout, load_spec
+from megatron_topd.plan.devices import CPU_2CORE, H100
+from megatron_topd.plan.model_state import total_params
+from megatron_topd.plan.speed import forward_flops_per_token, trainer_mfu
+from megatron_topd.plan.step_time import TopdStep, step_time
+
+SPEC = load_spec("Llama-3.1-8B")
+LAYOUT = Layout(tp=8, dp=2, max_tokens_per_microbatch=16384, teacher_group_microbatches=8)
+
+
+def _est(step=TopdStep(), device=H100, layout=LAYOUT, teacher=SPEC):
+    return step_time(SPEC, teacher, layout, step, seq=16384, microbatches_per_step=16, device=device)
+
+
+def test_windows_are_the_slower_server_and_every_phase_counts():
+    est = _est()
+    assert set(est.phases) == {"generation", "scoring", "windows", "ot", "training", "weight_sync", "checkpoint"}
+    assert est.phases["windows"] == max(est.detail["teacher_windows"], est.detail["student_windows"])
+    assert all(v > 0 for v in est.phases.values())
+    assert "scoring" not in _est(replace(TopdStep(), variant="opd")).phases
+
+
+def test_decode_steps_follow_the_longest_response_of_a_wave():
+    same_mean = [_est(replace(TopdStep(), longest_response=n)).phases["generation"] for n in (8000, 16000)]
+    step_s = 2 * total_params(SPEC) / (8 * H100.memory_bytes_per_s * H100.decode_efficiency)  # bf16 weights, TP8
+    assert same_mean[1] - same_mean[0] == pytest.approx(8000 * step_s, rel=1e-3)  # 8000 more steps, same tokens
+    # a KV pool too small for every rollout at once adds waves
+    assert _est(replace(TopdStep(), server_kv_tokens=4 * 16384)).phases["generation"] > 4 * same_mean[1]
+
+
+def test_gpu_training_pass_is_flops_at_the_layouts_utilisation():
+    step = replace(TopdStep(), variant="opd")
+    tokens = step.rows * step.row_tokens
+    flops = tokens * forward_flops_per_token(SPEC, 16384) * (3 + 1)  # student fwd + bwd, the teacher's forward
+    bubble = 1 + 0 / 8  # PP1
+    expected = flops * bubble / (LAYOUT.gpus * H100.flops * trainer_mfu(LAYOUT))
+    assert _est(step).phases["training"] == pytest.approx(expected)
+
+
+def test_cpu_costs_are_per_call():
+    tiny = replace(SPEC, num_layers=2, hidden_size=96, ffn_hidden_size=256, num_attention_heads=4, num_kv_heads=4,
+                   vocab_size=128, head_dim=24)
+    step = TopdStep(rows=64, prompt_tokens=11, response_tokens=40, longest_response=48, window=8, student_servers=1,
+                    decode_batch=64, server_kv_tokens=4096, guidance_layout="shared_prefix", dtype_bytes=4)
+    layout = Layout(tp=2, max_tokens_per_microbatch=1024, teacher_group_microbatches=2)
+    est = step_time(tiny, tiny, layout, step, seq=128, microbatches_per_step=4, gpus_per_node=1, device=CPU_2CORE)
+    deeper = step_time(replace(tiny, num_layers=4), tiny, layout, step, seq=128, microbatches_per_step=4,
+                       gpus_per_node=1, device=CPU_2CORE)
+    per_layer = CPU_2CORE.layer_forward_s + 2 * CPU_2CORE.collective_latency_s
+    # two more student layers: their forward calls in each of the scoring pass's 4 microbatches, at least
+    assert deeper.phases["scoring"] - est.phases["scoring"] >= 4 * 2 * per_layer
+    # decode: the step overhead per decode step (48 steps, one wave) plus each generated token's share
+    decode = 48 * CPU_2CORE.decode_step_overhead_s + 64 * 40 * CPU_2CORE.decode_seq_step_s
+    assert est.phases["generation"] == pytest.approx(decode + 64 * CPU_2CORE.prefill_request_s, rel=0.05)
