@@ -65,3 +65,28 @@ def test_tensor_payload_is_torch_forking_pickle_sharing_memory():
     assert out["strategy_after"] == "file_descriptor"  # restored afterwards
     assert out["names"] == ["x", "y"] and out["equal"] == [True, True]
     assert out["ended"] == 1  # the helper process it started was ended
+
+def test_stages_take_turns_on_the_store_first_come_first_served():
+    """The per-stage push's lock (process_group.one_at_a_time): a second holder waits until the first releases."""
+    import threading
+    import time
+
+    from megatron_topd.rollout.weight_sync.process_group import connect_store, listen, one_at_a_time
+
+    store = listen(0, 1, 30)
+    order = []
+
+    def second():  # another pushing rank: its own client of rank 0's store
+        with one_at_a_time(connect_store("127.0.0.1", store.port, 30), "turn"):
+            order.append("second")
+
+    with one_at_a_time(store, "turn"):
+        worker = threading.Thread(target=second)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while store.add("turn/ticket", 0) < 2:  # the worker holds ticket 2 and waits on the store
+            assert time.monotonic() < deadline, "the second holder never asked for its turn"
+            time.sleep(0.01)  # polling interval of a wait on the store's ticket counter (deadline above)
+        order.append("first")
+    worker.join(timeout=30)
+    assert order == ["first", "second"] and not worker.is_alive()

@@ -34,7 +34,8 @@ def connect_store(master_address: str, port: int, timeout_s: float) -> "torch.di
 @contextlib.contextmanager
 def one_at_a_time(store: "torch.distributed.TCPStore", name: str):
     """A first-come-first-served lock across processes, on the store: a ticket from `store.add`, then a wait for
-    the previous ticket's release key (the store's timeout bounds the wait)."""
+    the previous ticket's release key (the store's timeout bounds the wait). One store client per holder: a client
+    blocked in `wait` cannot send anything else."""
     ticket = store.add(f"{name}/ticket", 1)
     if ticket > 1:
         store.wait([f"{name}/released/{ticket - 1}"])
