@@ -71,3 +71,9 @@ bench-step-model: setup setup-sglang
 .PHONY: bench-weight-sync
 bench-weight-sync: setup setup-sglang
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_weight_sync.py $(ARGS)
+
+# The timing-sensitive tests run again and again (issue 22): RUNS=20 BURN=1 adds a busy loop per core beside them.
+.PHONY: test-repeat
+RUNS ?= 20
+test-repeat: setup setup-sglang
+	$(PY) scripts/repeat_tests.py --runs $(RUNS) $(if $(BURN),--burn) $(TESTS)

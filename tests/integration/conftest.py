@@ -178,3 +178,24 @@ def rollout_target(_servers, tiny_model_dir) -> RolloutTarget:
 def spare_server(_servers) -> SGLangServer:
     """A second server on the same checkpoint, for tests that kill a server (it serves the original weights)."""
     return _servers["spare"].wait_healthy()
+
+
+@pytest.fixture(scope="package")
+def demo_servers(demo_assets, tmp_path_factory) -> dict[str, list[str]]:
+    """The tiny demo's student and teacher servers, launched once by the loop's own code (`LaunchedServers`, the
+    student with an async run's priority scheduling, which a synchronous run's requests never use) and shared by the
+    loop tests. A run pointed at them (`rollout.urls`, `teacher.urls`) first brings the student server to its own
+    checkpoint, so each run starts from its student exactly as on servers it launched; the teacher's never change."""
+    from megatron_topd.config import load_config
+    from megatron_topd.train.setup import LaunchedServers
+
+    cfg = load_config(REPO / "examples" / "cpu_demo.yaml", [
+        f"train.student_hf_path={demo_assets['student_hf']}", f"teacher.hf_path={demo_assets['teacher_hf']}",
+        f"train.prompts_path={demo_assets['prompts']}", f"rollout.server_python={sglang_python()}",
+        f"rollout.server_log_dir={tmp_path_factory.mktemp('demo_server_logs')}", "train.async_rollouts=true"])
+    servers = LaunchedServers(cfg)
+    try:
+        student, teacher = servers.start()
+        yield {"student": student, "teacher": teacher}
+    finally:
+        servers.stop()

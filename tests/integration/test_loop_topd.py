@@ -14,9 +14,12 @@ def run_training(config_overrides: list[str]) -> list[dict]:
     return train(load_config(REPO / "examples" / "cpu_demo.yaml", config_overrides))
 
 
-def demo_overrides(assets: dict, tmp_path, *, colocated: bool = True) -> list[str]:
-    """The tiny demo run in `tmp_path/run`: its checkpoints, prompts, servers' interpreter and logs."""
+def demo_overrides(assets: dict, tmp_path, *, colocated: bool = True, servers: dict | None = None) -> list[str]:
+    """The tiny demo run in `tmp_path/run`: its checkpoints, prompts, servers' interpreter and logs; with `servers`
+    (the `demo_servers` fixture) it runs on those instead of launching its own."""
     teacher = [f"teacher.checkpoint={assets['teacher_ckpt']}"] if colocated else []
+    if servers is not None:
+        teacher += [f"rollout.urls={json.dumps(servers['student'])}", f"teacher.urls={json.dumps(servers['teacher'])}"]
     return teacher + [
         f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
         f"teacher.hf_path={assets['teacher_hf']}", f"train.prompts_path={assets['prompts']}",
@@ -28,9 +31,9 @@ def demo_overrides(assets: dict, tmp_path, *, colocated: bool = True) -> list[st
 
 @pytest.mark.slow
 @pytest.mark.sglang
-def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets):
+def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets, demo_servers):
     out = tmp_path / "run"
-    overrides = demo_overrides(demo_assets, tmp_path) + [
+    overrides = demo_overrides(demo_assets, tmp_path, servers=demo_servers) + [
         "rollout.max_new_tokens=24", "topd.window=8", "train.save_interval=1", "train.keep_checkpoints=2"]
     first = run_on_ranks(run_training, 2, overrides + ["train.steps=2"], timeout=1200)
     reduced = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s") and k != "sync_mb"} for r in rows]  # noqa: E731
@@ -48,7 +51,8 @@ def test_topd_loop_trains_syncs_and_resumes(tmp_path, demo_assets):
     assert (out / "checkpoints" / "latest_step.txt").read_text() == "2"
     assert (out / "metrics.png").stat().st_size > 0 and any((out / "tensorboard").iterdir())
 
-    # Resume: starts at step 2, first brings the (fresh) servers to the resumed student, then runs step 3.
+    # Resume: starts at step 2, first brings the servers (which hold step 2's weights, as on a restart they would
+    # hold the initial student's) to the resumed student, then runs step 3.
     second = run_on_ranks(run_training, 2, overrides + ["train.steps=3"], timeout=1200)
     assert len(second[0]) == 1
     records = [json.loads(line) for line in (out / "rollouts" / "step_00000002.jsonl").read_text().splitlines()]
@@ -77,8 +81,8 @@ def run_remote_training(config_overrides: list[str]) -> dict:
 @pytest.mark.slow
 @pytest.mark.sglang
 @pytest.mark.parametrize("kl", ["topk", "sampled"])
-def test_topd_step_with_a_remote_teacher_builds_no_teacher_model(tmp_path, kl, demo_assets):
-    overrides = demo_overrides(demo_assets, tmp_path, colocated=False) + [
+def test_topd_step_with_a_remote_teacher_builds_no_teacher_model(tmp_path, kl, demo_assets, demo_servers):
+    overrides = demo_overrides(demo_assets, tmp_path, colocated=False, servers=demo_servers) + [
         "teacher.placement=remote", f"teacher.kl={kl}", "teacher.top_k=32", "rollout.max_new_tokens=24",
         "topd.window=8", "train.steps=1"]
     ranks = run_on_ranks(run_remote_training, 2, overrides, timeout=1200)
