@@ -282,12 +282,12 @@ def arm_report(arm: str, table: dict, before: dict | None, teacher: float | None
         lines += ["", "The OT filter against the task's labels (candidates pooled over seeds; precision: suppressed "
                   "candidates that are surface-form; recall: surface-form candidates suppressed; the threshold rule "
                   f"is OT < {LOW_OT}):", "",
-                  "| variant | candidates | surface | divergent | neither | precision | recall | precision (OT < "
-                  f"{LOW_OT}) | recall (OT < {LOW_OT}) | mean OT surface / divergent / neither |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| variant | candidates | surface | divergent | neither | OT < {LOW_OT} | precision | recall | "
+                  f"precision (OT < {LOW_OT}) | recall (OT < {LOW_OT}) | mean OT surface / divergent / neither |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for v, s in labelled.items():
             lines.append(f"| {v} | {s['candidates']} | {_pct(s['surface_share'])} | {_pct(s['divergent_share'])} | "
-                         f"{_pct(s['neither_share'])} | {_pct(s['precision_suppressed'])} | "
+                         f"{_pct(s['neither_share'])} | {_pct(s['low_share'])} | {_pct(s['precision_suppressed'])} | "
                          f"{_pct(s['recall_suppressed'])} | {_pct(s['precision_threshold'])} | "
                          f"{_pct(s['recall_threshold'])} | {_num(s['ot_surface'])} / {_num(s['ot_divergent'])} / "
                          f"{_num(s['ot_neither'])} |")
