@@ -16,7 +16,8 @@ apart from any TOPD step, on one thread per process as the demo runs (OMP_NUM_TH
 
     flock /tmp/topd-heavy.lock .venv/bin/python benchmarks/calibrate_cpu_profile.py [--skip-sglang]
 
-Prints the figures as JSON and as the `DeviceProfile` fields they become (paste into plan/devices.py).
+Prints the figures and the `DeviceProfile` fields they become (plan/devices.py) as JSON; `--from-json FILE`
+derives the fields again from a saved print's "figures".
 """
 from __future__ import annotations
 
@@ -87,6 +88,41 @@ def ot_window_seconds(k: int = 8, candidates: int = 192) -> float:
 
 def _zero_loss(logits, batch):
     return logits.new_zeros(()), {}
+
+
+def tp_layer_job() -> dict:
+    """Two ranks at TP=2: a d96 layer's per-rank cost per token, forward and forward + backward (its all-reduces
+    included), from 1- and 3-layer models at 16 and 1024 tokens: how a small layer's per-token work splits."""
+    import torch
+
+    from megatron_topd import parallel
+    from megatron_topd.models import ModelSpec, build_gpt_model
+
+    parallel.initialize(2, 1, seed=0)
+    t = {}
+    for layers in (1, 3):
+        spec = ModelSpec(vocab_size=128, hidden_size=96, num_layers=layers, num_attention_heads=4, num_kv_heads=4,
+                         ffn_hidden_size=256)
+        model = build_gpt_model(spec)
+        for rows, width in ((1, 16), (16, 64)):
+            gen = torch.Generator().manual_seed(rows)
+            tokens = torch.randint(0, 128, (rows, width), generator=gen)
+            positions = torch.arange(width)[None].expand(rows, -1)
+
+            def forward():
+                with torch.no_grad():
+                    model(input_ids=tokens, position_ids=positions, attention_mask=None)
+
+            def forward_backward():
+                model(input_ids=tokens, position_ids=positions, attention_mask=None).float().sum().backward()
+
+            t[layers, rows * width] = (_best(forward, reps=21), _best(forward_backward, reps=21))
+    out = {}
+    for i, kind in enumerate(("forward", "train")):
+        layer = {n: (t[3, n][i] - t[1, n][i]) / 2 for n in (16, 1024)}
+        out[f"tp2_layer_{kind}_token_s"] = (layer[1024] - layer[16]) / (1024 - 16)
+        out[f"tp2_layer_{kind}_s"] = layer[16] - 16 * out[f"tp2_layer_{kind}_token_s"]
+    return out
 
 
 def layer_pass_job() -> dict:
@@ -187,17 +223,46 @@ def sglang_decode(root: Path) -> dict:
             "decode_tokens_per_s_batch48": 48 / step[48], "prefill_request_s": prefill, "server_call_s": call}
 
 
+LAYER_FLOPS_PER_TOKEN = 2 * (96 * 3 * 96 + 96 * 96 + 96 * 2 * 256 + 256 * 96) + 2 * 4 * 24 * 64  # the d96 layer, S=64
+
+
+def profile_fields(fig: dict) -> dict:
+    """The `DeviceProfile` fields from the figures: a layer's per-token cost as the FLOP/s it reaches (GEMMs and
+    elementwise work at this width), the backward's cost relative to the forward, the per-call costs."""
+    return {
+        "flops": LAYER_FLOPS_PER_TOKEN / fig["layer_forward_token_s"],
+        "backward_ratio": fig["layer_train_token_s"] / fig["layer_forward_token_s"] - 1,
+        "memory_bytes_per_s": fig["memory_bytes_per_s"],
+        **{k: fig[k] for k in ("decode_step_overhead_s", "decode_seq_step_s", "prefill_request_s", "server_call_s",
+                               "layer_forward_s", "layer_train_s", "model_forward_token_s", "schedule_call_s",
+                               "optimizer_step_s", "collective_latency_s", "collective_bytes_per_s",
+                               "filesystem_bytes_per_s", "ot_seconds_per_window") if k in fig},
+        "model_forward_s": max(0.0, fig["model_forward_s"]), "model_train_s": max(0.0, fig["model_train_s"]),
+        "inter_node_bytes_per_s": fig["collective_bytes_per_s"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--root", default=str(REPO / "runs" / "calibrate_cpu"))
+    ap.add_argument("--from-json", help="derive the profile fields from figures this script printed before")
+    ap.add_argument("--only-tp", action="store_true", help="only the TP=2 layer figures")
     args = ap.parse_args()
+    if args.from_json:
+        doc = json.loads(Path(args.from_json).read_text())
+        fig = doc.get("figures", doc)
+        print(json.dumps({"figures": fig, "profile": profile_fields(fig)}, indent=2))
+        return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     from megatron_topd.parallel.spawn import run_on_ranks
 
     torch.set_num_threads(1)
+    if args.only_tp:
+        print(json.dumps(run_on_ranks(tp_layer_job, 2, timeout=300)[0], indent=2))
+        return
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     (REPO / "runs").mkdir(exist_ok=True)
@@ -206,10 +271,11 @@ def main() -> None:
            "ot_seconds_per_window": ot_window_seconds()}
     fig.update(run_on_ranks(layer_pass_job, 1, timeout=300)[0])
     fig.update(run_on_ranks(gloo_job, 2, timeout=300)[0])
+    fig.update(run_on_ranks(tp_layer_job, 2, timeout=300)[0])
     if not args.skip_sglang:
         fig.update(sglang_decode(root))
     fig["cpu"] = _cpu_name()
-    print(json.dumps(fig, indent=2))
+    print(json.dumps({"figures": fig, "profile": profile_fields(fig)}, indent=2))
 
 
 def _cpu_name() -> str:

@@ -17,6 +17,8 @@ class DeviceProfile:
     name: str
     flops: float  # FLOP/s a trainer device reaches in a layer's GEMMs (CPU: a small layer's, elementwise work included)
     fp8_speedup: float = 1.0
+    backward_ratio: float = 2.0  # a backward's cost over its forward's (2 by FLOPs)
+    tp_speedup: float = 2.0  # a layer's per-token work per TP doubling (2: it splits evenly over the ranks)
     mfu_from_layout: bool = True  # utilisation = speed.trainer_mfu(layout); False: 1.0 plus the per-call costs below
     memory_bytes_per_s: float = 0.0  # HBM / DRAM
     decode_efficiency: float = 1.0  # of memory bandwidth in a decode step
@@ -30,6 +32,7 @@ class DeviceProfile:
     layer_train_s: float = 0.0  # forward with autograd + backward
     model_forward_s: float = 0.0  # a model pass outside its layers (embedding, output layer)
     model_train_s: float = 0.0
+    model_forward_token_s: float = 0.0  # per token outside the layers (embedding, logits), a forward
     schedule_call_s: float = 0.0  # one call of Megatron's forward-backward schedule (train/step.py run_schedule)
     optimizer_step_s: float = 0.0  # one Megatron optimizer step of a small model (launch-bound, per tensor)
     collective_latency_s: float = 0.0  # one collective among a node's ranks (TP)
@@ -44,18 +47,20 @@ H100 = DeviceProfile(
     flops=989e12, fp8_speedup=2.0, memory_bytes_per_s=3.35e12, decode_efficiency=0.6, prefill_mfu=0.5,
     inter_node_bytes_per_s=50e9, filesystem_bytes_per_s=20e9, ot_seconds_per_window=2e-3)
 
-# benchmarks/calibrate_cpu_profile.py on this machine (AMD EPYC, 2 cores, one thread per process), Dec 7 2026:
-# matmul 93 GFLOP/s ([1024, 96] x [96, 256] and 2048^3 alike), DRAM copy 21 GB/s, gloo all-reduce 0.34 ms latency
-# and 0.84 GB/s, Megatron local layer 0.81 ms forward / 1.63 ms forward + backward per 16-token microbatch (model
-# outside its layers 0.33 / 0.72 ms), SGLang CPU decode step 1.85 ms + 0.135 ms per running sequence (5.8k tokens/s
-# at batch 48), 1.2 ms per prefilled request, EMD of a K=8 window pair 5.4 us, filesystem 1.1 GB/s. Not measured
-# yet (0): a server call's round trip, a schedule call, an optimizer step, per-token layer costs beyond the GEMMs.
+# benchmarks/calibrate_cpu_profile.py on this machine (AMD EPYC, 2 cores, one thread per process), Dec 7 2026 01:40
+# (`--from-json` of that run derives these fields): a d96 Megatron local layer reaches 51 GFLOP/s per token of
+# forward (GEMMs alone: 68-90 GFLOP/s) and costs 1.0 ms per call (2.0 ms with backward; the backward 2.7x the
+# forward per token), 3.2 us per token outside the layers; a schedule call 0.26 ms, an optimizer step 4.0 ms; DRAM
+# 20 GB/s; gloo all-reduce 0.36 ms + 1.06 GB/s; SGLang CPU decode step 1.9 ms + 0.19 ms per running sequence,
+# 1.9 ms per prefilled request, 11 ms per call; OT 40 us per window pair (K=8); filesystem 1.3 GB/s. Two
+# calibrations 20 minutes apart differed by up to 40% on the SGLang figures (decode per sequence 0.135 vs 0.194 ms).
 CPU_2CORE = DeviceProfile(
     name="CPU, 2 cores (AMD EPYC; benchmarks/calibrate_cpu_profile.py)",
-    flops=93e9, mfu_from_layout=False, memory_bytes_per_s=21e9,
-    decode_step_overhead_s=1.85e-3, decode_seq_step_s=0.135e-3, prefill_request_s=1.23e-3,
-    layer_forward_s=0.81e-3, layer_train_s=1.63e-3, model_forward_s=0.33e-3, model_train_s=0.72e-3,
-    collective_latency_s=0.34e-3, collective_bytes_per_s=0.84e9, inter_node_bytes_per_s=0.84e9,
-    filesystem_bytes_per_s=1.1e9, ot_seconds_per_window=5.4e-6)
+    flops=51.3e9, backward_ratio=2.67, mfu_from_layout=False, memory_bytes_per_s=19.9e9,
+    decode_step_overhead_s=1.89e-3, decode_seq_step_s=0.194e-3, prefill_request_s=1.92e-3, server_call_s=11.3e-3,
+    layer_forward_s=1.01e-3, layer_train_s=2.03e-3, model_forward_s=0.0, model_train_s=0.04e-3,
+    model_forward_token_s=3.21e-6, schedule_call_s=0.26e-3, optimizer_step_s=4.0e-3,
+    collective_latency_s=0.36e-3, collective_bytes_per_s=1.06e9, inter_node_bytes_per_s=1.06e9,
+    filesystem_bytes_per_s=1.3e9, ot_seconds_per_window=40e-6)
 
 PROFILES = {"h100": H100, "cpu": CPU_2CORE}

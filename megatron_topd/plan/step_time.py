@@ -121,8 +121,10 @@ def _pass_seconds(spec: ModelSpec, tokens: float, microbatches: int, layout: Lay
     microbatches, with ``loss_calls`` vocabulary-parallel loss calls per microbatch; before the pipeline bubble."""
     mfu = trainer_mfu(layout) if device.mfu_from_layout else 1.0
     rate = device.flops * (device.fp8_speedup if fp8 else 1.0) * mfu
-    passes = (4 if recompute else 3) if train else 1  # forward + backward (+ the recomputed forward)
-    compute = tokens * forward_flops_per_token(spec, seq) * passes / (layout.gpus * rate)
+    passes = (1 + device.backward_ratio + (1 if recompute else 0)) if train else 1  # (+ the recomputed forward)
+    ranks = layout.dp * layout.pp * layout.cp * device.tp_speedup ** math.log2(layout.tp)
+    compute = tokens * forward_flops_per_token(spec, seq) * passes / (ranks * rate) + \
+        tokens / layout.dp * device.model_forward_token_s * passes  # each TP rank sees all of its replica's tokens
     layers = spec.num_layers / layout.pp
     calls = (device.model_train_s if train else device.model_forward_s) + layers * (
         device.layer_train_s if train else device.layer_forward_s)
