@@ -90,60 +90,23 @@ def _zero_loss(logits, batch):
     return logits.new_zeros(()), {}
 
 
-def tp_layer_job() -> dict:
-    """Two ranks at TP=2: a d96 layer's per-rank cost per token, forward and forward + backward (its all-reduces
-    included), from 1- and 3-layer models at 16 and 1024 tokens: how a small layer's per-token work splits."""
+def _layer_times(tp: int):
+    """{(layers, tokens): (forward s, forward + backward s)} of a Megatron local GPTModel (d96, 4 heads, FFN 256)
+    with 1 and 3 layers at 16 tokens (1 x 16: launch-bound) and 1024 (16 x 64), at tensor parallelism ``tp``; and
+    the models."""
     import torch
 
     from megatron_topd import parallel
     from megatron_topd.models import ModelSpec, build_gpt_model
 
-    parallel.initialize(2, 1, seed=0)
-    t = {}
-    for layers in (1, 3):
-        spec = ModelSpec(vocab_size=128, hidden_size=96, num_layers=layers, num_attention_heads=4, num_kv_heads=4,
-                         ffn_hidden_size=256)
-        model = build_gpt_model(spec)
-        for rows, width in ((1, 16), (16, 64)):
-            gen = torch.Generator().manual_seed(rows)
-            tokens = torch.randint(0, 128, (rows, width), generator=gen)
-            positions = torch.arange(width)[None].expand(rows, -1)
-
-            def forward():
-                with torch.no_grad():
-                    model(input_ids=tokens, position_ids=positions, attention_mask=None)
-
-            def forward_backward():
-                model(input_ids=tokens, position_ids=positions, attention_mask=None).float().sum().backward()
-
-            t[layers, rows * width] = (_best(forward, reps=21), _best(forward_backward, reps=21))
-    out = {}
-    for i, kind in enumerate(("forward", "train")):
-        layer = {n: (t[3, n][i] - t[1, n][i]) / 2 for n in (16, 1024)}
-        out[f"tp2_layer_{kind}_token_s"] = (layer[1024] - layer[16]) / (1024 - 16)
-        out[f"tp2_layer_{kind}_s"] = layer[16] - 16 * out[f"tp2_layer_{kind}_token_s"]
-    return out
-
-
-def layer_pass_job() -> dict:
-    """One rank: a Megatron local GPTModel (d96, 4 heads, FFN 256) with 1 and 3 layers, forward (no grad) and
-    forward + backward, at 16 tokens (1 x 16: launch-bound) and 1024 (16 x 64): per layer and outside the layers,
-    the cost per call and per token; and the cost of one Megatron schedule call around a microbatch's forward."""
-    import torch
-
-    from megatron_topd import parallel
-    from megatron_topd.models import ModelSpec, build_gpt_model
-    from megatron_topd.train.step import run_schedule
-
-    parallel.initialize(1, 1, seed=0)
-    t = {}
-    models = {}
+    parallel.initialize(tp, 1, seed=0)
+    t, models = {}, {}
     for layers in (1, 3):
         spec = ModelSpec(vocab_size=128, hidden_size=96, num_layers=layers, num_attention_heads=4, num_kv_heads=4,
                          ffn_hidden_size=256)
         model = models[layers] = build_gpt_model(spec)
         for rows, width in ((1, 16), (16, 64)):
-            tokens = torch.randint(0, 128, (rows, width))
+            tokens = torch.randint(0, 128, (rows, width), generator=torch.Generator().manual_seed(rows))
             positions = torch.arange(width)[None].expand(rows, -1)
 
             def forward():
@@ -154,14 +117,38 @@ def layer_pass_job() -> dict:
                 model(input_ids=tokens, position_ids=positions, attention_mask=None).float().sum().backward()
 
             t[layers, rows * width] = (_best(forward, reps=21), _best(forward_backward, reps=21))
+    return t, models
+
+
+def _per_call_and_token(t: dict, prefix: str = "") -> dict:
+    """Per layer and outside the layers (the 1-layer model less one layer), forward and train: the cost per call
+    (the 16-token intercept) and per token (the slope to 1024 tokens)."""
     out = {}
     for i, kind in enumerate(("forward", "train")):
         layer = {n: (t[3, n][i] - t[1, n][i]) / 2 for n in (16, 1024)}
         model = {n: t[1, n][i] - layer[n] for n in (16, 1024)}
-        out[f"layer_{kind}_token_s"] = (layer[1024] - layer[16]) / (1024 - 16)
-        out[f"layer_{kind}_s"] = layer[16] - 16 * out[f"layer_{kind}_token_s"]
-        out[f"model_{kind}_token_s"] = (model[1024] - model[16]) / (1024 - 16)
-        out[f"model_{kind}_s"] = model[16] - 16 * out[f"model_{kind}_token_s"]
+        for part, times in (("layer", layer), ("model", model)):
+            slope = (times[1024] - times[16]) / (1024 - 16)
+            out[f"{prefix}{part}_{kind}_token_s"] = slope
+            out[f"{prefix}{part}_{kind}_s"] = times[16] - 16 * slope
+    return out
+
+
+def tp_layer_job() -> dict:
+    """Two ranks at TP=2: the d96 layer's per-rank costs (its all-reduces included): how a small layer's per-token
+    work splits over TP ranks."""
+    return _per_call_and_token(_layer_times(2)[0], prefix="tp2_")
+
+
+def layer_pass_job() -> dict:
+    """One rank: the d96 layer's and the model's costs per call and per token, forward (no grad) and forward +
+    backward; one Megatron schedule call around a microbatch's forward; one optimizer step."""
+    import torch
+
+    from megatron_topd.train.step import run_schedule
+
+    t, models = _layer_times(1)
+    out = _per_call_and_token(t)
     batch = {"tokens": torch.randint(0, 128, (1, 16)), "position_ids": torch.arange(16)[None]}
     with torch.no_grad():
         scheduled = _best(lambda: run_schedule([models[1]], [batch], _zero_loss, forward_only=True), reps=21)
@@ -239,7 +226,15 @@ def profile_fields(fig: dict) -> dict:
                                "filesystem_bytes_per_s", "ot_seconds_per_window") if k in fig},
         "model_forward_s": max(0.0, fig["model_forward_s"]), "model_train_s": max(0.0, fig["model_train_s"]),
         "inter_node_bytes_per_s": fig["collective_bytes_per_s"],
+        **({"tp_speedup": fig["layer_forward_token_s"] / _tp2_compute_token_s(fig)}
+           if "tp2_layer_forward_token_s" in fig else {}),
     }
+
+
+def _tp2_compute_token_s(fig: dict) -> float:
+    """A TP=2 rank's per-token forward cost of the d96 layer less its two all-reduces' bytes (which the model counts
+    apart): what the rank computes."""
+    return fig["tp2_layer_forward_token_s"] - 2 * 96 * 4 / fig["collective_bytes_per_s"]
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ class DeviceProfile:
     flops: float  # FLOP/s a trainer device reaches in a layer's GEMMs (CPU: a small layer's, elementwise work included)
     fp8_speedup: float = 1.0
     backward_ratio: float = 2.0  # a backward's cost over its forward's (2 by FLOPs)
-    tp_speedup: float = 2.0  # a layer's per-token work per TP doubling (2: it splits evenly over the ranks)
+    tp_speedup: float = 2.0  # how much faster a rank's share of work split over a TP doubling runs (2: evenly)
     mfu_from_layout: bool = True  # utilisation = speed.trainer_mfu(layout); False: 1.0 plus the per-call costs below
     memory_bytes_per_s: float = 0.0  # HBM / DRAM
     decode_efficiency: float = 1.0  # of memory bandwidth in a decode step
@@ -54,9 +54,12 @@ H100 = DeviceProfile(
 # 20 GB/s; gloo all-reduce 0.36 ms + 1.06 GB/s; SGLang CPU decode step 1.9 ms + 0.19 ms per running sequence,
 # 1.9 ms per prefilled request, 11 ms per call; OT 40 us per window pair (K=8); filesystem 1.3 GB/s. Two
 # calibrations 20 minutes apart differed by up to 40% on the SGLang figures (decode per sequence 0.135 vs 0.194 ms).
+# At TP=2 (01:54, `--only-tp`) a rank of the d96 layer spends 10.9 us per token of forward (10.2 less its
+# all-reduces' bytes) against 4.6 us at TP=1: work split over the two ranks runs 0.45x as fast, not 2x, on these
+# 2 vCPUs (tp_speedup).
 CPU_2CORE = DeviceProfile(
     name="CPU, 2 cores (AMD EPYC; benchmarks/calibrate_cpu_profile.py)",
-    flops=51.3e9, backward_ratio=2.67, mfu_from_layout=False, memory_bytes_per_s=19.9e9,
+    flops=51.3e9, backward_ratio=2.67, tp_speedup=0.448, mfu_from_layout=False, memory_bytes_per_s=19.9e9,
     decode_step_overhead_s=1.89e-3, decode_seq_step_s=0.194e-3, prefill_request_s=1.92e-3, server_call_s=11.3e-3,
     layer_forward_s=1.01e-3, layer_train_s=2.03e-3, model_forward_s=0.0, model_train_s=0.04e-3,
     model_forward_token_s=3.21e-6, schedule_call_s=0.26e-3, optimizer_step_s=4.0e-3,
