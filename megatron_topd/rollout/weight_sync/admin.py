@@ -9,13 +9,15 @@ import urllib.error
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..auth import auth_headers
 from ..errors import WeightSyncError
 
 
 def call(url: str, path: str, payload: dict | None = None, *, timeout_s: float = 600.0, method: str = "POST") -> dict:
     """One JSON request; raise WeightSyncError quoting the server's answer unless it is 2xx and not success=false."""
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **auth_headers()}  # the job's API key (auth.py)
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             text = resp.read().decode(errors="replace")
