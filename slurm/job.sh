@@ -25,7 +25,23 @@ TRAINER_IMAGE=${TRAINER_IMAGE:-}
 SGLANG_IMAGE=${SGLANG_IMAGE:-}
 MOUNTS=${MOUNTS:-}
 DRYRUN=${TOPD_DRYRUN:-0}
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+# The code every attempt runs: megatron_topd/ and slurm/ copied to $CODE when the job first starts, so an edit to the
+# checkout while the job runs or waits to be requeued does not change it; every attempt runs this script from there.
+# PYTHONSAFEPATH=1 (Python >= 3.11) keeps `python -m` from putting the working directory, the live checkout, first on
+# sys.path; each role checks that it runs from $CODE (megatron_topd/launch/snapshot.py). Removed when the job ends.
+CODE=$REPO
+if [[ $DRYRUN != 1 ]]; then
+  CODE=${TOPD_CODE_DIR:-$REPO/runs/code/job-${SLURM_JOB_ID:?not inside a Slurm job}}
+  if [[ ! -f $CODE/.complete ]]; then
+    rm -rf "$CODE" && mkdir -p "$CODE"
+    tar -C "$REPO" --exclude=__pycache__ -cf - megatron_topd slurm | tar -C "$CODE" -xf -
+    touch "$CODE/.complete"
+  fi
+  if [[ ${TOPD_RUNNING_FROM:-} != "$CODE" ]]; then TOPD_RUNNING_FROM=$CODE exec bash "$CODE/slurm/job.sh" "$@"; fi
+  export TOPD_CODE_DIR=$CODE PYTHONSAFEPATH=1
+fi
+export PYTHONPATH=$CODE${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1      # Megatron's TP/SP overlap needs ordered kernel launches
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
@@ -44,7 +60,7 @@ mapfile -t SGLANG_C < <(container "$SGLANG_IMAGE")
 # Without images, BARE_TASKS=1 runs each role's command through slurm/bare_task.sh: its own mount namespace with
 # Slurm's client, config and munge socket masked, i.e. what a task sees in a stock image (the CPU job does).
 WRAP=()
-if [[ ${BARE_TASKS:-0} == 1 && -z $TRAINER_IMAGE$SGLANG_IMAGE ]]; then WRAP=(bash "$REPO/slurm/bare_task.sh"); fi
+if [[ ${BARE_TASKS:-0} == 1 && -z $TRAINER_IMAGE$SGLANG_IMAGE ]]; then WRAP=(bash "$CODE/slurm/bare_task.sh"); fi
 
 run() {  # run a command, or print it under TOPD_DRYRUN=1
   local line
@@ -85,10 +101,38 @@ else
     "$TRAINER_PYTHON" -m megatron_topd.launch.plan --config "$CONFIG" "$@")
 fi
 eval "$plan"
+
+# One job per output_dir: a second one would wipe this one's endpoints and write into its checkpoints. The first holds
+# <run_dir>/.job.lock (its job id) until it ends, across its requeues; a later job fails here naming the holder.
+lock_run_dir() {  # lock_run_dir DIR JOB_ID
+  local lock=$1/.job.lock holder state
+  mkdir -p "$1"
+  for _ in 1 2; do
+    if (set -o noclobber; echo "$2" > "$lock") 2>/dev/null; then return 0; fi
+    holder=$(cat "$lock" 2>/dev/null || true)
+    [[ $holder == "$2" ]] && return 0     # this job's earlier attempt
+    state=$(squeue -h -j "$holder" -o %T 2>/dev/null || true)
+    if [[ $state =~ ^(PENDING|RUNNING|REQUEUED|REQUEUE_HOLD|REQUEUE_FED|SUSPENDED|COMPLETING|CONFIGURING|RESIZING|SIGNALING|STAGE_OUT)$ ]]; then
+      echo "[job] train.output_dir $1 is in use by Slurm job $holder ($state), which holds $lock: one job per" \
+        "output_dir; wait for it, cancel it (scancel $holder), or give this job another train.output_dir" >&2
+      return 1
+    fi
+    rm -f "$lock"                         # its job ended without releasing it
+  done
+  return 1
+}
+[[ $DRYRUN == 1 ]] || lock_run_dir "$RUN_DIR" "$SLURM_JOB_ID"
 echo "[job] attempt $attempt: trainer=$TRAINER_NODES student=${STUDENT_NODES:-rank0} teacher=${TEACHER_NODES:-rank0}" \
   "run_dir=$RUN_DIR logs=$LOGS"
 [[ $DRYRUN == 1 ]] || { rm -rf "$ENDPOINTS"; mkdir -p "$ENDPOINTS" "$LOGS"; }
 (( stop_requested )) && request_stop     # the signal came during the plan
+# The allocation's end, read here on the host (tasks have no Slurm client): the trainer stops with a checkpoint when
+# less time is left than a step and a save take (megatron_topd/launch/deadline.py). None without a time limit.
+job_end=$(squeue -h -j "${SLURM_JOB_ID:-0}" -o %e 2>/dev/null || true)
+if [[ $DRYRUN != 1 && $job_end =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]]; then
+  printf '{"end": %d, "attempt": "%s"}\n' "$(date -d "$job_end" +%s)" "$attempt" > "$ENDPOINTS/.job_end.tmp"
+  mv "$ENDPOINTS/.job_end.tmp" "$ENDPOINTS/job_end"
+fi
 GPU_ARGS=()
 if (( GPUS_PER_NODE > 0 )); then GPU_ARGS=(--gpus-per-node="$GPUS_PER_NODE"); fi
 
@@ -139,10 +183,16 @@ done
 for pid in "${server_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 wait || true
 
-# 5. Stopped on request after a checkpoint: requeue (the next attempt resumes from it).
+# 5. Stopped on request after a checkpoint: requeue (the next attempt resumes from it, with the same code and lock).
+#    Otherwise the job is over: release the output_dir and remove the code snapshot.
+if (( rc != 75 )); then
+  rm -f "$RUN_DIR/.job.lock"
+  [[ $CODE == "$REPO" ]] || rm -rf "$CODE"
+fi
 if (( rc == 75 )); then
   echo "[job] requeueing $SLURM_JOB_ID (restart count ${SLURM_RESTART_COUNT:-0})"
-  scontrol requeue "$SLURM_JOB_ID"
+  # Preempted with PreemptMode=REQUEUE, Slurm requeues the job itself: then this one may be refused, harmlessly.
+  scontrol requeue "$SLURM_JOB_ID" || echo "[job] scontrol requeue refused: Slurm requeues the job itself"
   exit 0
 fi
 exit "$rc"

@@ -12,6 +12,12 @@ The tasks are the sbatch scripts' own: `megatron_topd.launch.serve` and `megatro
 through `<run_dir>/endpoints/`. NeMo-Run reports the exit code of the first task to end: a server ends only after
 the trainer's exit file appears and then exits with the trainer's code, so the experiment's status is the trainer's.
 
+Preemption: `--signal=USR1@<signal_lead_s>` goes to the tasks (NeMo-Run's batch script has no trap for it), each
+task `exec`s its role so the signal reaches Python, not a wrapping shell; the trainer stops after its step with a
+checkpoint and every trainer rank exits 75 (TOPD_STOP_EXIT_CODE), the servers with it. NeMo-Run's script requeues
+on any non-zero exit while retries remain: a guard (setup lines) lets `scontrol requeue` through only when this
+attempt's trainer.exit says 75, so a config error or a crash ends FAILED at once instead of being retried.
+
 The packager ships the code: by default the working tree's megatron_topd/, examples/, slurm/ and tools/
 (`PatternPackager`; every task runs in the unpacked copy), or `--packager git` (`GitArchivePackager`: HEAD only).
 Only this module's `main` and `build` need nemo_run; nothing here imports torch (a login node's small env is enough).
@@ -27,17 +33,33 @@ from megatron_topd.launch.config import launch_section, load_raw
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = ("megatron_topd", "examples", "slurm", "tools")
+STOP_EXIT_CODE = 75  # megatron_topd.train.preemption.REQUEUE_EXIT_CODE (that module needs torch)
 
 
 def role_commands(config: str, overrides: list[str], *, trainer_python: str, server_python: str) -> dict[str, str]:
     """The shell command of each role's task (run in the shipped code folder)."""
     rest = " ".join(shlex.quote(o) for o in overrides)
     cfg = shlex.quote(config)
-    return {
-        "student": f"{server_python} -m megatron_topd.launch.serve --role student --config {cfg} {rest}".strip(),
-        "teacher": f"{server_python} -m megatron_topd.launch.serve --role teacher --config {cfg} {rest}".strip(),
-        "trainer": f"{trainer_python} -m megatron_topd.launch.trainer --config {cfg} {rest}".strip(),
+    return {  # exec: the role is the task, so a signal to the step reaches Python, not a shell that dies of it
+        "student": f"exec {server_python} -m megatron_topd.launch.serve --role student --config {cfg} {rest}".strip(),
+        "teacher": f"exec {server_python} -m megatron_topd.launch.serve --role teacher --config {cfg} {rest}".strip(),
+        "trainer": f"exec {trainer_python} -m megatron_topd.launch.trainer --config {cfg} {rest}".strip(),
     }
+
+
+def requeue_guard(endpoints_dir: str | Path) -> str:
+    """Setup lines for NeMo-Run's sbatch script: its `scontrol requeue` (on any non-zero exit while retries remain)
+    goes through only when this attempt's `<endpoints>/trainer.exit` holds the stop code."""
+    exit_file = shlex.quote(str(Path(endpoints_dir) / "trainer.exit"))
+    stopped = f'"\\"code\\": {STOP_EXIT_CODE}, \\"attempt\\": \\"$SLURM_JOB_ID.${{SLURM_RESTART_COUNT:-0}}\\""'
+    return "\n".join([
+        "scontrol() {  # megatron_topd: requeue only a run that stopped on request with a checkpoint",
+        f"  if [[ $1 == requeue ]] && ! grep -qF {stopped} {exit_file} 2>/dev/null; then",
+        f'    echo "[topd] not requeued: the trainer did not stop on request (see {exit_file})"; return 0',
+        "  fi",
+        '  command scontrol "$@"',
+        "}",
+    ])
 
 
 def packager(kind: str = "pattern"):
@@ -52,7 +74,7 @@ def build(config: str, overrides: list[str] | None = None, *, account: str, part
           time: str = "48:00:00", trainer_image: str | None = None, sglang_image: str | None = None,
           mounts: list[str] | None = None, trainer_python: str = "python3", server_python: str = "python3",
           env_vars: dict | None = None, packager_kind: str = "pattern", name: str = "topd", group_wait_s: int = 30,
-          max_retries: int = 3):
+          max_retries: int = 3, signal_lead_s: int = 900):
     """The experiment: (tasks, executors) of a heterogeneous Slurm job with the config's role split.
 
     `job_dir` is the LocalTunnel's job_dir and must be `$NEMORUN_HOME/experiments`: NeMo-Run writes the sbatch script,
@@ -61,13 +83,14 @@ def build(config: str, overrides: list[str] | None = None, *, account: str, part
     import nemo_run as run
 
     overrides = list(overrides or [])
-    lc = launch_section(load_raw(config if Path(config).is_absolute() else REPO / config, overrides))
+    data = load_raw(config if Path(config).is_absolute() else REPO / config, overrides)
+    lc = launch_section(data)
     if not lc.role_split:
         raise ValueError("the NeMo-Run Slurm recipe needs server nodes: set launch.student_nodes and "
                          "launch.teacher_nodes (or use --executor local for a one-box run)")
     cmds = role_commands(config, overrides, trainer_python=trainer_python, server_python=server_python)
     env = {"PYTHONUNBUFFERED": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-           "PYTHONPATH": "/nemo_run/code", **(env_vars or {})}
+           "PYTHONPATH": "/nemo_run/code", "TOPD_STOP_EXIT_CODE": str(STOP_EXIT_CODE), **(env_vars or {})}
     shared = dict(account=account, partition=partition or None, time=time, mem=None, exclusive=True,
                   env_vars=env, container_mounts=list(mounts or []), packager=packager(packager_kind),
                   tunnel=run.LocalTunnel(job_dir=job_dir), wait_time_for_group_job=group_wait_s,
@@ -80,7 +103,8 @@ def build(config: str, overrides: list[str] | None = None, *, account: str, part
         ex = run.SlurmExecutor(nodes=nodes, ntasks_per_node=ntasks, gpus_per_node=gpus, container_image=image,
                                heterogeneous=(i == 0), **shared)
         if i == 0:  # sbatch options of the whole job live on the first group
-            ex.additional_parameters = {"requeue": True, "open_mode": "append"}
+            ex.additional_parameters = {"requeue": True, "open_mode": "append", "signal": f"USR1@{signal_lead_s}"}
+            ex.setup_lines = requeue_guard(lc.endpoints((data.get("train") or {}).get("output_dir", "runs/topd")))
         executors.append(ex)
         tasks.append(run.Script(inline=cmds[role]))
     executors[0].retries = max_retries

@@ -19,6 +19,7 @@ from megatron_topd.launch import endpoints
 from megatron_topd.launch.config import launch_section, load_raw, network_env, published_address
 from megatron_topd.launch.nodes import step_nodes
 from megatron_topd.launch.servers import servers_on_node
+from megatron_topd.launch.snapshot import code_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     index = int(os.environ.get("SLURM_NODEID", "0"))
     _, dist_port = lc.ports(endpoints.job_id())
     os.environ.update(network_env(lc))  # the servers' weight-sync group (gloo/NCCL) on launch.network_interface
+    endpoints.use_api_key(root)  # every server requires the attempt's key (rollout/auth.py)
+    code = code_dir()  # the job's copy of the code, not the live checkout
+    if code:
+        print(f"[{args.role} {endpoints.node_name()}] code: {code}", flush=True)
     specs = servers_on_node(data, lc, args.role, nodes, index, log_dir=logs, dist_init_port=dist_port,
                             address=published_address(lc, nodes[index]))
     print(f"[{args.role} {endpoints.node_name()}] starting {len(specs)} server(s): "

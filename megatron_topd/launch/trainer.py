@@ -5,8 +5,9 @@
 In a role-split job it first waits for every server's URL under `<endpoints>/` (deadline: launch.endpoint_timeout_s)
 and hands them to the run as `rollout.urls` / `teacher.urls`, with the weight-sync master address set to the first
 trainer node's name (routable from the server nodes). Without server nodes, rank 0 launches the servers itself.
-A stop request (SIGUSR1, or the file `<endpoints>/stop`; see train/preemption.py) ends the run after a checkpoint:
-trainer.exit holds 75 (requeue me) while the processes exit 0.
+A stop request (SIGUSR1, the file `<endpoints>/stop`, or the time limit ahead; see train/preemption.py and
+launch/deadline.py) ends the run after a checkpoint: trainer.exit holds 75 (requeue me) while the processes exit
+TOPD_STOP_EXIT_CODE (0 under slurm/job.sh, which reads the file; 75 under NeMo-Run).
 Rank 0 (any rank on failure) writes `<endpoints>/trainer.exit`, on which the server roles stop.
 """
 from __future__ import annotations
@@ -58,9 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(network_env(lc))  # before torch.distributed starts: gloo/NCCL on launch.network_interface
     out = (data.get("train") or {}).get("output_dir", "runs/topd")
     root, logs = lc.endpoints(out), lc.logs(out)
-    preemption.install(stop_check=lambda: endpoints.stop_requested(root))  # slurm/job.sh's USR1 trap writes it
+    # Stop requests: slurm/job.sh's USR1 trap writes <endpoints>/stop; the time limit is near (launch/deadline.py).
+    from megatron_topd.launch.deadline import Deadline
+
+    deadline = Deadline(root, Path(out) / "checkpoints")
+    preemption.install(stop_check=lambda: endpoints.stop_requested(root) or deadline())
     code = 1
     try:
+        endpoints.use_api_key(root)  # its clients and weight sync send the servers' key (servers it starts need it)
+        from megatron_topd.launch.snapshot import code_dir
+
+        code = code_dir()  # the job's copy of the code, not the live checkout
+        if code and rank() == 0:
+            print(f"[trainer {endpoints.node_name()}] code: {code}", flush=True)
         from megatron_topd.config import load_config
 
         load_config(args.config, args.overrides)  # a bad config fails now, not after the servers came up
@@ -88,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0 or rank() == 0:
             endpoints.write_exit(root, code)
     if code == preemption.REQUEUE_EXIT_CODE:
-        # The process exits 0 (srun --kill-on-bad-exit must not cut the other ranks' ends short); the exit file says 75.
+        # The exit file says 75. The process exits TOPD_STOP_EXIT_CODE: 0 under slurm/job.sh (which reads the file;
+        # srun --kill-on-bad-exit must not cut the other ranks' ends short), 75 under NeMo-Run (whose script acts on
+        # the exit code of the first role to end; the checkpoint is complete by now).
         if rank() == 0:
             print("[trainer] stopped on request after a checkpoint: trainer.exit says 75 (requeue)", flush=True)
-        return 0
+        return int(os.environ.get("TOPD_STOP_EXIT_CODE", "0"))
     return code
 
 

@@ -102,3 +102,29 @@ def test_missing_fields_are_named_before_anything_starts():
     assert out.returncode != 0 and "--nodes=17" in out.stderr
     out = plan("examples/topd_70b.yaml", "gpu[001-017]", "rollout.num_servers=4", servers=False)
     assert out.returncode != 0 and "rollout.num_servers=4" in out.stderr
+
+
+def test_job_sh_refuses_a_second_job_on_one_output_dir(tmp_path):
+    """slurm/job.sh's lock on train.output_dir: the first job takes it, its requeued attempts keep it, a second job
+    fails naming the holder while that one is queued or running, and takes over once the holder has ended."""
+    body = (REPO / "slurm" / "job.sh").read_text()
+    func = body[body.index("lock_run_dir() {"):body.index('[[ $DRYRUN == 1 ]] || lock_run_dir')]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text('#!/bin/bash\necho "$FAKE_STATE"\n')  # squeue -h -j ID -o %T
+    (bin_dir / "squeue").chmod(0o755)
+    run_dir = tmp_path / "run"
+
+    def lock(job: str, holder_state: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", func + 'lock_run_dir "$1" "$2"', "x", str(run_dir), job],
+                              capture_output=True, text=True,
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_STATE": holder_state})
+
+    assert lock("100").returncode == 0 and (run_dir / ".job.lock").read_text().strip() == "100"
+    assert lock("100", "RUNNING").returncode == 0                       # a requeued attempt of the holder
+    refused = lock("200", "RUNNING")
+    assert refused.returncode != 0 and "in use by Slurm job 100 (RUNNING)" in refused.stderr
+    assert "scancel 100" in refused.stderr and "train.output_dir" in refused.stderr
+    assert lock("200", "PENDING").returncode != 0                       # requeued, waiting to start again
+    assert lock("200", "COMPLETED").returncode == 0                     # the holder ended without releasing it
+    assert (run_dir / ".job.lock").read_text().strip() == "200"
