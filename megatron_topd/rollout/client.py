@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import aiohttp
 
 from .errors import InvalidResponse
+from .logprob_decode import split_logprobs, split_top_logprobs
 from .pool import Retryable, ServerPool, post_json
 from .sampling import SamplingParams
 from .validation import check_token_sequences
@@ -289,15 +290,16 @@ class SGLangClient:
             want = len(seq) - start + 1
             if not isinstance(lps, list) or len(lps) != want:
                 raise InvalidResponse(f"{where}: expected {want} input_token_logprobs, got {_short(lps)}")
-            if [e[1] for e in lps] != seq[start - 1:]:
+            fast = split_logprobs(lps[1:])  # vectorised (entry 0 has no log-prob); None: per-entry checks below
+            if ([lps[0][1], *fast[1]] if fast is not None else [e[1] for e in lps]) != seq[start - 1:]:
                 raise InvalidResponse(f"{where}: the scored token ids differ from the sequence sent")
-            values = [_logprob(e[0], where) for e in lps[1:]]
+            values = fast[0] if fast is not None else [_logprob(e[0], where) for e in lps[1:]]
             tops = None
             if top_logprobs:
                 raw = meta.get("input_top_logprobs")
                 if not isinstance(raw, list) or len(raw) != want:
                     raise InvalidResponse(f"{where}: expected {want} input_top_logprobs, got {_short(raw)}")
-                tops = [_parse_top(r, top_logprobs, self.vocab_size, where) for r in raw[1:]]
+                tops = _parse_tops(raw[1:], top_logprobs, self.vocab_size, where)
             return Score(start, values, tops, str(meta.get("weight_version", "")))
 
         return await self._post(session, "/generate", payload, check, f"score(sequence {index})")
@@ -510,15 +512,23 @@ def _parse_generation(item, rid, params, prompt_len, vocab, want_lps, top_k, whe
     logprobs = tops = None
     if want_lps:
         lps = meta.get("output_token_logprobs")
-        if not isinstance(lps, list) or len(lps) != len(ids) or [e[1] for e in lps] != ids:
+        fast = split_logprobs(lps)  # vectorised; None: the per-entry checks below say what is wrong
+        if not isinstance(lps, list) or len(lps) != len(ids) or \
+                (list(fast[1]) if fast is not None else [e[1] for e in lps]) != ids:
             raise InvalidResponse(f"{where}: output_token_logprobs do not match output_ids: {_short(lps)}")
-        logprobs = [_logprob(e[0], where) for e in lps]
+        logprobs = fast[0] if fast is not None else [_logprob(e[0], where) for e in lps]
     if top_k:
         raw = meta.get("output_top_logprobs")
         if not isinstance(raw, list) or len(raw) != len(ids):
             raise InvalidResponse(f"{where}: expected {len(ids)} output_top_logprobs, got {_short(raw)}")
-        tops = [_parse_top(r, top_k, vocab, where) for r in raw]
+        tops = _parse_tops(raw, top_k, vocab, where)
     return Generation(ids, logprobs, tops, reason, str(meta.get("weight_version", "")), prompt_len)
+
+
+def _parse_tops(rows: list, k: int, vocab: int | None, where: str) -> list[list[tuple[int, float]]]:
+    """Every position's top-k: vectorised, or row by row where the fast path declines (to name what is wrong)."""
+    fast = split_top_logprobs(rows, min(k, vocab or k))
+    return fast if fast is not None else [_parse_top(r, k, vocab, where) for r in rows]
 
 
 def _parse_top(row: Any, k: int, vocab: int | None, where: str) -> list[tuple[int, float]]:
