@@ -23,11 +23,12 @@ def cross_teacher_hf(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.sglang
-def test_opd_step_with_a_teacher_of_another_tokenizer(tmp_path, demo_assets, cross_teacher_hf):
+def test_opd_step_with_a_teacher_of_another_tokenizer(tmp_path, demo_assets, demo_servers, cross_teacher_hf):
     student_tok = AutoTokenizer.from_pretrained(demo_assets["student_hf"])
     teacher_tok = AutoTokenizer.from_pretrained(cross_teacher_hf)
     assert tokenizer_relation(student_tok, teacher_tok).kind == "cross"  # the tokenizers really differ
-    overrides = demo_overrides(demo_assets, tmp_path, colocated=False) + [
+    overrides = demo_overrides(demo_assets, tmp_path, colocated=False,  # the loop launches the teacher's server
+                               servers={"student": demo_servers["student"]}) + [
         f"teacher.hf_path={cross_teacher_hf}", "teacher.placement=remote", "teacher.kl=sampled",
         "teacher.tokenizer=cross", "topd.variant=opd", "rollout.max_new_tokens=24", "train.steps=1",
         "teacher.api=openai", "teacher.deadline_s=300", "eval.teacher=false"]

@@ -16,10 +16,11 @@ def run_training(config_overrides: list[str]) -> list[dict]:
 
 def demo_overrides(assets: dict, tmp_path, *, colocated: bool = True, servers: dict | None = None) -> list[str]:
     """The tiny demo run in `tmp_path/run`: its checkpoints, prompts, servers' interpreter and logs; with `servers`
-    (the `demo_servers` fixture) it runs on those instead of launching its own."""
+    (the `demo_servers` fixture, or its student alone) it runs on those instead of launching its own."""
     teacher = [f"teacher.checkpoint={assets['teacher_ckpt']}"] if colocated else []
-    if servers is not None:
-        teacher += [f"rollout.urls={json.dumps(servers['student'])}", f"teacher.urls={json.dumps(servers['teacher'])}"]
+    for role, field in (("student", "rollout.urls"), ("teacher", "teacher.urls")):
+        if role in (servers or {}):
+            teacher.append(f"{field}={json.dumps(servers[role])}")
     return teacher + [
         f"train.student_checkpoint={assets['student_ckpt']}", f"train.student_hf_path={assets['student_hf']}",
         f"teacher.hf_path={assets['teacher_hf']}", f"train.prompts_path={assets['prompts']}",
