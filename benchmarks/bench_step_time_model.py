@@ -77,7 +77,8 @@ def predicted(shape: dict):
                     candidates_per_row=cfg.topd.top_k, window=cfg.topd.window,
                     divergent_share=1 - cfg.topd.low_fraction, student_servers=r.num_servers, teacher_servers=1,
                     decode_batch=t.prompts_per_step * r.n_samples, server_kv_tokens=4096,  # CPU_DEFAULT_ARGS
-                    save_interval=t.save_interval, variant=cfg.topd.variant, guidance_layout="shared_prefix",
+                    save_interval=t.save_interval, sync_bucket_mb=r.sync_bucket_mb, variant=cfg.topd.variant,
+                    guidance_layout="shared_prefix",
                     dtype_bytes=4)
     return step_time(student, teacher, layout, step, seq=t.max_seq_length, microbatches_per_step=1,
                      gpus_per_node=1, device=CPU_2CORE), CPU_2CORE

@@ -81,6 +81,7 @@ def _step_shape(data: dict) -> TopdStep:
                     student_servers=rollout.get("num_servers", defaults.student_servers),
                     teacher_servers=launch.get("teacher_nodes", defaults.teacher_servers) or 1,
                     save_interval=train.get("save_interval", defaults.save_interval),
+                    sync_bucket_mb=rollout.get("sync_bucket_mb", defaults.sync_bucket_mb),
                     variant=topd.get("variant", defaults.variant))
 
 

@@ -18,8 +18,9 @@ on a `DeviceProfile` (H100 by default), with the step's token counts:
 - training pass: the co-located teacher's forward again, the student's forward and backward over the rollouts and
   the guidance rows (``rows``: prefix + window each, as under Transformer Engine; ``shared_prefix``: K tokens per
   window inside its rollout row, Megatron's local layers);
-- weight sync: one call to the servers, the student's weights through global rank 0 (gathered over TP, one
-  all-gather per tensor, and PP), then broadcast to every student server (docs/rollout.md);
+- weight sync: each pipeline stage's first TP rank pushes its own layers (gathered over TP, one all-gather per
+  tensor, the stages at once), and the stages' buckets reach the servers in turn, one update call each
+  (rollout/weight_sync/distributed.py, docs/rollout.md);
 - checkpoint: the dist checkpoint (weights, fp32 main params, Adam moments) written at a filesystem bandwidth,
   amortised over ``save_interval`` steps.
 
@@ -60,6 +61,7 @@ class TopdStep:
     decode_batch: int = 64  # sequences a server runs at once
     server_kv_tokens: int | None = None  # KV tokens a server holds (None: decode_batch binds first)
     save_interval: int = 25
+    sync_bucket_mb: float = 512.0  # rollout.sync_bucket_mb: one server call per bucket of a stage's weights
     variant: str = "topd"
     guidance_layout: str = "rows"  # rows | shared_prefix (train.guidance_layout as resolved)
     dtype_bytes: int = 2  # weights and activations (bf16; the CPU demo runs fp32)
@@ -197,11 +199,12 @@ def step_time(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, ste
         training += _pass_seconds(teacher, train_tokens, train_mbs, train=False, recompute=False, loss_calls=0, **kw)
     out.phases["training"] = training * bubble + device.optimizer_step_s
     weight_bytes = step.dtype_bytes * total_params(student)
-    # One call to the servers; the weights gathered to rank 0 (over TP within a node, one all-gather per HF tensor:
-    # 9 per layer + embedding, final norm, output layer; then each stage's share over the network), then broadcast.
-    gathers = (9 * student.num_layers + 3) * device.collective_latency_s if layout.tp > 1 else 0.0
-    out.phases["weight_sync"] = device.server_call_s + gathers + (
-        weight_bytes * (1 - 1 / layout.pp) + weight_bytes) / device.inter_node_bytes_per_s
+    # Per stage (at once): one TP all-gather per HF tensor of its layers (9 per layer, and embedding, final norm,
+    # output layer at the ends); then every stage's buckets in turn, each one update call and its broadcast.
+    gathers = (9 * student.num_layers / layout.pp + 3) * device.collective_latency_s if layout.tp > 1 else 0.0
+    buckets = layout.pp * math.ceil(weight_bytes / layout.pp / (step.sync_bucket_mb * 2**20))
+    out.phases["weight_sync"] = (buckets * device.server_call_s + gathers
+                                 + weight_bytes / device.inter_node_bytes_per_s)
     # weights, Adam m and v, and an fp32 main copy when the weights are not fp32
     checkpoint_bytes = total_params(student) * (step.dtype_bytes + 8 + (4 if step.dtype_bytes < 4 else 0))
     out.phases["checkpoint"] = checkpoint_bytes / device.filesystem_bytes_per_s / step.save_interval
