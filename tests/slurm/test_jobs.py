@@ -9,10 +9,14 @@ a stock container image (slurm/bare_task.sh: no Slurm client, no slurm.conf, no 
    after step 1, checkpoints, exits 75; the job requeues itself, resumes from the checkpoint, runs the rest and ends
    with the steps, checkpoints, rollout files and metrics lines of the uninterrupted run. Weight sync: distributed,
    over gloo from trainer rank 0 on topdn1 to the student server on topdn3; ranks 2-3 on topdn2 cannot bind topdn1's
-   address (before the fix, Errno 99 there). Each task asserts on entry that `scontrol` cannot run.
+   address (before the fix, Errno 99 there). Each task asserts on entry that `scontrol` cannot run. Every attempt
+   runs the copy of the code taken when the job first started.
 3. A student server whose SGLang never becomes healthy fails the job within 2 minutes, the error naming role, node
    and the last lines of its log; nothing of the job is left on any node.
-4. A trainer that fails makes the NeMo-Run experiment report FAILED (not the servers' result).
+4. A trainer that fails (a config error) makes the NeMo-Run experiment report FAILED (not the servers' result), with
+   no retry although retries remain: NeMo-Run's script requeues only the stop code (launch/nemo_run.py's guard).
+5. A trainer rank killed mid-step fails the job, nothing of it left on any node; before that, from another node's
+   namespace, the running student server refuses calls without the job's API key and answers with it.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def nemo_run(assets, out: Path, job_dir: Path, *extra: str, name: str) -> subprocess.CompletedProcess:
+def nemo_run(assets, out: Path, job_dir: Path, *extra: str, name: str, retries: int = 0) -> subprocess.CompletedProcess:
     if not NEMORUN_PYTHON.exists():
         pytest.fail(f"{NEMORUN_PYTHON} missing: run `make setup-nemorun` (nemo-run 0.11.1, leptonai 0.27.3)")
     cmd = [str(NEMORUN_PYTHON), "-c",
@@ -56,7 +60,7 @@ def nemo_run(assets, out: Path, job_dir: Path, *extra: str, name: str) -> subpro
            json.dumps({"config": CONFIG, "overrides": common_overrides(assets, out) + list(extra), "name": name,
                        "account": "topd", "partition": "cpu", "job_dir": str(job_dir), "time": "00:20:00",
                        "trainer_python": str(TRAINER_PYTHON), "server_python": str(TRAINER_PYTHON),
-                       "env_vars": {"OMP_NUM_THREADS": "1"}, "group_wait_s": 2, "max_retries": 0})]
+                       "env_vars": {"OMP_NUM_THREADS": "1"}, "group_wait_s": 2, "max_retries": retries})]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO), "NEMORUN_HOME": str(job_dir.parent)})
 
@@ -89,6 +93,8 @@ def test_nemo_run_experiment_runs_the_roles_and_succeeds(reference):
     # The roles ran from the code NeMo-Run shipped (PatternPackager), not from this checkout.
     sbatch = next(job_dir.rglob("*_sbatch.sh")).read_text()
     assert sbatch.count("#SBATCH hetjob") == 2 and "--het-group=2" in sbatch and "--requeue" in sbatch
+    # Preemption notice to the tasks (no B:, the script has no trap), requeue only on the stop code (the guard).
+    assert "#SBATCH --signal=USR1@900" in sbatch and 'command scontrol "$@"' in sbatch
     code_dirs = list(job_dir.rglob("code/megatron_topd/launch/trainer.py"))
     assert code_dirs and f"--chdir {code_dirs[0].parents[2]}" in sbatch
     # Slurm placed the het groups: each role on its own node(s), reached by node name, weight sync via trainer node 1.
@@ -186,7 +192,12 @@ def test_sbatch_job_on_namespaced_nodes_is_preempted_requeued_and_resumes(preemp
     assert by_name["trainer"] == {"topdn[1-2]"} and by_name["student"] == {"topdn3"} and \
         by_name["teacher"] == {"topdn4"}, steps
     log = batch_log.read_text()
-    assert "attempt " + job_id + ".0" in log and "attempt " + job_id + ".1" in log and "requeueing" in log
+    assert all(f"attempt {job_id}.{n}" in log for n in range(2)) and log.count("requeueing") == 1
+    # Every attempt's roles ran the code copied when the job first started; the job removed it and its lock at the end.
+    code = f"code: {REPO}/runs/code/job-{job_id}"
+    for role in ("trainer", "student", "teacher"):
+        assert (out / "logs" / f"{role}.log").read_text().count(code) == 2, role
+    assert not (REPO / "runs" / "code" / f"job-{job_id}").exists() and not (out / ".job.lock").exists()
     # The trainer reached the servers at their addresses on topd0; weight sync from trainer rank 0 on topdn1.
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert [host_of(u) for u in saved["rollout"]["urls"]] == ["10.78.0.13"]
@@ -250,15 +261,59 @@ def trainer_ranks_on(node: str) -> list[int]:
     return out
 
 
+# Runs in a node's network namespace: POSTs {} to each path without a key, then GETs /model_info with the key read
+# from stdin (never on a command line); prints {path: status} and the keyed status.
+CALLS = """
+import json, sys, urllib.error, urllib.request
+url, paths, key = sys.argv[1], sys.argv[2:], sys.stdin.read().strip()
+def status(request):
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+print(json.dumps({"without": {p: status(urllib.request.Request(url + p, data=b"{}", method="POST")) for p in paths},
+                  "with": status(urllib.request.Request(url + "/model_info", headers={"Authorization": "Bearer " + key}))}))
+"""
+
+
+def calls_from(node: str, url: str, key: str) -> dict:
+    """What a process on `node` (its network namespace) gets from the server at `url`, without and with `key`."""
+    from megatron_topd.rollout.auth import GUARDED_ENDPOINTS
+
+    proc = subprocess.run(["ip", "netns", "exec", f"topdsl-{node}", str(TRAINER_PYTHON), "-c", CALLS, url,
+                           *GUARDED_ENDPOINTS], input=key, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_a_killed_trainer_rank_fails_the_job_and_leaves_nothing(cluster, assets, tmp_path):
     """SIGKILL to trainer rank 3 (on topdn2) once step 1 trains: the job ends FAILED and no process of it is left in
-    any node's namespace (servers and the other ranks included) within 60 s."""
+    any node's namespace (servers and the other ranks included) within 60 s.
+    Before that, the job's API key: from another node's namespace (the teacher's, topdn4), the running student server
+    refuses /generate and every weight-update endpoint without the key and answers with it, while the job's own
+    calls went through (step 0's rollouts here; weight sync too in the requeue test's run); the key file is the job
+    user's alone and in no log."""
     out = tmp_path / "run"
     job_id, batch_log = submit(tmp_path, common_overrides(assets, out))
     debug = lambda: slurm_debug(job_id, batch_log, out)  # noqa: E731
     try:
         wait_until(lambda: (out / "rollouts" / "step_00000000.jsonl").exists(), 300, "step 1's rollouts",
                    on_timeout=debug)
+        key_files = list((out / "endpoints").glob(f"api_key.{job_id}.0"))
+        assert key_files and oct(key_files[0].stat().st_mode & 0o777) == "0o600", debug()
+        key = key_files[0].read_text().strip()
+        (student,) = [json.loads(p.read_text())["url"] for p in (out / "endpoints" / "student").glob("*.json")]
+        seen = calls_from("topdn4", student, key)
+        assert set(seen["without"].values()) == {401} and seen["with"] == 200, seen
+        # SGLang's 0600 --config files hold it (beside its logs, removed when it stops); no log does.
+        configs = list((out / "logs" / "sglang").glob(".*.key.yaml"))
+        assert len(configs) == 2 and all(oct(p.stat().st_mode & 0o777) == "0o600" for p in configs)
+        logs = [batch_log, *(p for p in (out / "logs").rglob("*") if p.is_file() and p not in configs)]
+        assert not [p for p in logs if key in p.read_text(errors="replace")]
+        # The batch script handed the trainer the allocation's end (--time=00:30:00) for launch/deadline.py.
+        end = json.loads((out / "endpoints" / "job_end").read_text())
+        assert end["attempt"] == f"{job_id}.0" and 0 < end["end"] - time.time() <= 1800, end
         victims = trainer_ranks_on("topdn2")
         assert len(victims) == 2, victims
         os.kill(max(victims), 9)
@@ -272,9 +327,13 @@ def test_a_killed_trainer_rank_fails_the_job_and_leaves_nothing(cluster, assets,
 
 
 def test_failing_trainer_makes_the_experiment_fail(cluster, assets, tmp_path, reference):
+    """A config error ends the experiment FAILED, not retried although retries remain (only the stop code is)."""
     out = tmp_path / "run"
     # train.steps=0 is rejected by the trainer's config check only (the server roles do not read it).
-    proc = nemo_run(assets, out, tmp_path / "experiments", "train.steps=0", name="topdfail")
+    proc = nemo_run(assets, out, tmp_path / "experiments", "train.steps=0", name="topdfail", retries=2)
     status = status_of(proc)
     assert status and all(v.endswith("FAILED") for v in status.values()), (status, tail(out / "logs/trainer.log"))
     assert not (out / "metrics.jsonl").exists()
+    logs = list((tmp_path / "experiments").rglob("*.out"))  # the sbatch script's output among them
+    assert any("[topd] not requeued" in p.read_text(errors="replace") for p in logs), [str(p) for p in logs]
+    assert json.loads((out / "endpoints" / "trainer.exit").read_text())["attempt"].endswith(".0")  # one attempt
