@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import aiohttp
 
+from .auth import auth_headers
 from .errors import InvalidResponse
 from .logprob_decode import split_logprobs, split_top_logprobs
 from .pool import Retryable, ServerPool, post_json
@@ -343,7 +344,7 @@ class SGLangClient:
         """Run one coroutine per prompt; results in prompt order, each exactly once; first failure cancels the rest."""
         show = self.progress if self.progress is not None else total_samples >= 256
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        async with aiohttp.ClientSession(connector=connector, headers=auth_headers()) as session:  # job's key
             tasks = [asyncio.ensure_future(c) for c in make_jobs(session)]
             index = {t: i for i, t in enumerate(tasks)}
             results: list = [None] * len(tasks)
