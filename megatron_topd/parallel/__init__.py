@@ -161,6 +161,27 @@ def broadcast_object(obj, src: int = 0, group=None):
     return box[0]
 
 
+def on_rank0(fn, *, errors: tuple[type[BaseException], ...] = (Exception,)):
+    """``fn()`` run by global rank 0 alone: its result there, None on the other ranks. When it raises one of
+    ``errors``, every rank raises that type with its message at once, instead of the others waiting in the next
+    collective for a rank that is gone (a bad prompt file, an unreachable server: set-up work rank 0 does alone)."""
+    result, failure = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except errors as exc:
+            failure = (type(exc), str(exc))
+    failure = broadcast_object(failure)
+    if failure is not None:
+        kind, message = failure
+        try:
+            error = kind(message)
+        except Exception:  # noqa: BLE001 - a type that takes other arguments: the listed type it is one of
+            error = next(base for base in errors if issubclass(kind, base))(f"{kind.__name__}: {message}")
+        raise error
+    return result
+
+
 def destroy() -> None:
     import sys
 

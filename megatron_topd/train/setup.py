@@ -221,16 +221,7 @@ def prompt_dataset(cfg: Config, tokenizer):
                              chat_template=bool(getattr(tokenizer, "chat_template", None)), max_prompt_tokens=room,
                              overflow=cfg.train.prompt_overflow)
 
-    dataset, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            dataset = make()
-        except (ValueError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-    error = parallel.broadcast_object(error)
-    if error is not None:
-        raise ValueError(error)
-    dataset = dataset or make()
+    dataset = parallel.on_rank0(make, errors=(ValueError, OSError)) or make()
     if dist.get_rank() == 0 and dataset.skipped:
         print(f"train.prompt_overflow=skip: {len(dataset.skipped)} of {len(dataset)} prompts are longer than {room} "
               f"tokens and are left out (first rows: {dataset.skipped[:5]})", flush=True)
@@ -330,21 +321,19 @@ def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
     if cfg.teacher.kl == "topk" and cfg.teacher.top_k > vocab:
         raise ValueError(f"teacher.top_k={cfg.teacher.top_k} > the vocabulary ({vocab} tokens): use at most {vocab}")
     # Rank 0 reads the servers and the teacher's tokenizer (it alone scores); the mode and any error reach every rank.
-    error, mode, found, teacher_tok = None, "same", None, None
-    if dist.get_rank() == 0:
-        try:
-            found = _teacher_tokenizer_path(cfg, client, call)  # (tokenizer folder, model folder) or None
-            if found is not None:
-                teacher_tok = AutoTokenizer.from_pretrained(found[0])
-                mode = teacher_tokenizer_mode(cfg, tokenizer, teacher_tok, found[0])
-            elif cfg.teacher.tokenizer == "cross":
-                raise ValueError("teacher.tokenizer=cross needs the teacher's tokenizer on this machine: set "
-                                 "teacher.hf_path to the teacher's HF folder (its tokenizer files are enough)")
-        except (ConnectionError, ValueError) as exc:
-            error = (type(exc).__name__, str(exc))
-    error, mode = parallel.broadcast_object((error, mode))
-    if error is not None:
-        raise (ConnectionError if error[0] == "ConnectionError" else ValueError)(error[1])
+    def read_teacher():
+        found = _teacher_tokenizer_path(cfg, client, call)  # (tokenizer folder, model folder) or None
+        if found is not None:
+            teacher_tok = AutoTokenizer.from_pretrained(found[0])
+            return teacher_tokenizer_mode(cfg, tokenizer, teacher_tok, found[0]), found, teacher_tok
+        if cfg.teacher.tokenizer == "cross":
+            raise ValueError("teacher.tokenizer=cross needs the teacher's tokenizer on this machine: set "
+                             "teacher.hf_path to the teacher's HF folder (its tokenizer files are enough)")
+        return "same", None, None
+
+    mode, found, teacher_tok = parallel.on_rank0(read_teacher, errors=(ConnectionError, ValueError)) or (
+        None, None, None)
+    mode = parallel.broadcast_object(mode)
     signal = dict(temperature=cfg.teacher.scoring_temperature(cfg.rollout.temperature),
                   deadline_s=cfg.teacher.deadline_s)
     if mode == "same":

@@ -21,3 +21,32 @@ def fail_on_rank_one() -> None:
     if dist.get_rank() == 1:
         raise ValueError("rank one was told to fail")
     dist.barrier()  # rank 0 is left waiting for its peer: the harness must still come back
+
+
+class _NeedsTwoArguments(ValueError):
+    def __init__(self, message: str, row: int):
+        super().__init__(f"{message} (row {row})")
+
+
+def rank0_work_outcomes() -> list[str]:
+    """`parallel.on_rank0` when rank 0's work raises (a file error; a type that takes two arguments) and when it
+    succeeds: what each rank then raises or returns."""
+    import torch.distributed as dist
+
+    from megatron_topd import parallel
+
+    def work(kind: str):
+        assert dist.get_rank() == 0, "only rank 0 runs the work"
+        if kind == "file":
+            raise FileNotFoundError("prompts.jsonl does not exist")
+        if kind == "custom":
+            raise _NeedsTwoArguments("prompt too long", 500)
+        return "rank 0's result"
+
+    outcomes = []
+    for kind in ("file", "custom", "none"):
+        try:
+            outcomes.append(repr(parallel.on_rank0(lambda: work(kind), errors=(ValueError, OSError))))
+        except (ValueError, OSError) as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+    return outcomes

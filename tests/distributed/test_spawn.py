@@ -17,3 +17,12 @@ def test_ranks_meet_at_the_parents_store_and_return_in_order():
 def test_a_failing_rank_is_reported_with_its_traceback():
     with pytest.raises(RankFailed, match=r"(?s)--- rank 1 ---.*ValueError: rank one was told to fail"):
         run_on_ranks(spawn_jobs.fail_on_rank_one, 2, timeout=300)
+
+
+def test_rank0_work_fails_on_every_rank_with_its_type_and_message():
+    """`parallel.on_rank0`: set-up work rank 0 does alone; its failure is raised on every rank at once (a type that
+    cannot be rebuilt from its message arrives as the listed type it belongs to)."""
+    rank0, rank1 = run_on_ranks(spawn_jobs.rank0_work_outcomes, 2)
+    failures = ["FileNotFoundError: prompts.jsonl does not exist",
+                "ValueError: _NeedsTwoArguments: prompt too long (row 500)"]
+    assert rank0 == failures + ["\"rank 0's result\""] and rank1 == failures + ["None"]
