@@ -7,6 +7,10 @@ in `cpu_shims/` go first on its PYTHONPATH, with SGLANG_USE_CPU_ENGINE=1.
 Each server runs in its own process group (SGLang starts scheduler and detokenizer children), so `stop()` ends the
 whole tree. Live servers are stopped at interpreter exit and on SIGTERM; on Linux a server launched from the main
 thread also gets SIGTERM if the launching process dies.
+
+With an API key (the job's, `auth.py`), SGLang gets it from a 0600 `--config` YAML file (never on its command line,
+which every user can list), and its output reaches the log through a pipe that hides the key: SGLang 0.5.23 logs
+all its server arguments, `api_key` included.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import urllib.request
 import weakref
 from pathlib import Path
 
+from .auth import auth_headers, job_key
 from .errors import ServerStartError
 
 CPU_SHIMS_DIR = Path(__file__).resolve().parent / "cpu_shims"
@@ -76,6 +81,7 @@ class SGLangServer:
         startup_timeout_s: float = 300.0,
         env: dict[str, str] | None = None,
         module: str = "sglang.launch_server",
+        api_key: str | None = None,
     ):
         # Absolute paths: the server runs in its log directory (it drops crash files into its working directory).
         self.model_path = str(Path(model_path).absolute()) if Path(model_path).exists() else str(model_path)
@@ -98,8 +104,10 @@ class SGLangServer:
         self.startup_timeout_s = startup_timeout_s
         self.env = dict(env or {})
         self.module = module
+        self.api_key = api_key if api_key is not None else job_key()  # None: no key (a local run)
         self.proc: subprocess.Popen | None = None
         self._log_file = None
+        self._log_copier: threading.Thread | None = None
 
     @classmethod
     def from_config(cls, cfg, index: int = 0) -> "SGLangServer":
@@ -138,7 +146,14 @@ class SGLangServer:
             cmd += ["--context-length", str(self.context_length)]
         if self.deterministic:  # per-request sampling_seed honoured, batch-invariant kernels (docs/rollout.md)
             cmd += ["--enable-deterministic-inference"]
+        if self.api_key:
+            cmd += ["--config", str(self.key_config_path)]
         return cmd + self.extra_args
+
+    @property
+    def key_config_path(self) -> Path:
+        """The 0600 YAML that hands SGLang its `api_key` (its `--config`; removed when the server stops)."""
+        return self.log_dir / f".sglang-{self.host}-{self.port}.key.yaml"
 
     def environment(self) -> dict[str, str]:
         # A trainer rank launched by torchrun/srun carries RANK, WORLD_SIZE, MASTER_* ...: SGLang's own
@@ -171,16 +186,25 @@ class SGLangServer:
         self._log_file = open(self.log_path, "ab", buffering=0)
         self._log_file.write(f"\n=== {time.strftime('%F %T')} {' '.join(self.command())}\n".encode())
         in_main = threading.current_thread() is threading.main_thread()
+        if self.api_key:
+            fd = os.open(self.key_config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
+            with os.fdopen(fd, "w") as f:
+                f.write(f"api-key: '{self.api_key}'\n")
         self.proc = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
+            stdout=subprocess.PIPE if self.api_key else self._log_file,
             stderr=subprocess.STDOUT,
             env=self.environment(),
             cwd=self.log_path.parent,
             start_new_session=True,  # own process group: stop() ends the scheduler/detokenizer children too
             preexec_fn=_die_with_parent if (in_main and sys.platform == "linux") else None,
         )
+        if self.api_key:
+            self._log_copier = threading.Thread(target=_copy_hiding, daemon=True, name=f"log {self.url}",
+                                                args=(self.proc.stdout, self._log_file, self.api_key))
+            self._log_copier.start()
         _LIVE.add(self)
         return self
 
@@ -189,6 +213,8 @@ class SGLangServer:
         deadline = time.monotonic() + (self.startup_timeout_s if timeout_s is None else timeout_s)
         while True:
             code = self.proc.poll() if self.proc else None
+            if code is not None:
+                self._finish_log()  # all it wrote, before the log is read
             if code is not None and self._port_retries > 0 and "address already in use" in self._this_attempts_log():
                 self._port_retries -= 1
                 self._restart_on_a_new_port()
@@ -232,7 +258,8 @@ class SGLangServer:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+            request = urllib.request.Request(self.url + "/health", headers=auth_headers(self.api_key))
+            with urllib.request.urlopen(request, timeout=5) as r:
                 return r.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
@@ -254,10 +281,20 @@ class SGLangServer:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+            _wait_group_gone(proc.pid, timeout_s=10)  # SIGKILL is delivered asynchronously to the group's members
         _LIVE.discard(self)
+        self._finish_log()
+        self.key_config_path.unlink(missing_ok=True)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def _finish_log(self) -> None:
+        """Wait for the log copier to pass on the last of the output (the pipe ends when the process group has)."""
+        if self._log_copier is not None:
+            self._log_copier.join(timeout=10)
+            if not self._log_copier.is_alive():
+                self._log_copier = None
 
     def kill(self) -> None:
         """SIGKILL the whole server at once (what a crashed node looks like to the client)."""
@@ -332,11 +369,43 @@ class ServerGroup:
         self.stop()
 
 
+def _copy_hiding(stream, log_file, secret: str) -> None:
+    """Copy a server's output to its log line by line, with `secret` replaced."""
+    hidden, secret_bytes = b"<api key hidden>", secret.encode()
+    with stream:
+        for line in iter(stream.readline, b""):
+            log_file.write(line.replace(secret_bytes, hidden))
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no live (non-zombie) process of group ``pgid`` is left: `stop()` returns with the server's whole
+    process tree gone, not merely signalled."""
+    deadline = time.monotonic() + timeout_s
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling interval of a wait on /proc (deadline above)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is ``pgid`` (from /proc; zombies have exited and are left out)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
 
 
 def _die_with_parent() -> None:
