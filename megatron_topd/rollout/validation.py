@@ -4,6 +4,16 @@ from __future__ import annotations
 from typing import Sequence
 
 
+# SGLang (0.5.23, managers/tp_worker.py and managers/utils.py validate_input_length) refuses an input of
+# max_req_input_len = min(context_len, KV pool) - 6 tokens or more, whatever it is asked to generate.
+SGLANG_INPUT_MARGIN = 7
+
+
+def longest_input(context_length: int | None) -> int | None:
+    """The longest input (prompt, or a sequence to score) a server of this context length accepts: 7 tokens less."""
+    return None if context_length is None else context_length - SGLANG_INPUT_MARGIN
+
+
 def check_token_sequences(
     seqs: Sequence[Sequence[int]],
     *,
@@ -36,6 +46,12 @@ def check_token_sequences(
             raise ValueError(
                 f"{what}[{i}] has {len(ids)} tokens + max_new_tokens={max_new_tokens} > the server's context length "
                 f"{context_length}: shorten it, lower max_new_tokens, or start the servers with a longer context"
+            )
+        if context_length is not None and len(ids) > longest_input(context_length):
+            raise ValueError(
+                f"{what}[{i}] has {len(ids)} tokens: SGLang takes at most {longest_input(context_length)} input tokens "
+                f"at context length {context_length} ({SGLANG_INPUT_MARGIN} below it): shorten it, or start the "
+                "servers with a longer context"
             )
         out.append(ids)
     return out

@@ -294,6 +294,7 @@ class CrossTokenizerTeacher(RemoteTeacher):
     async def ascore_samples(self, prompt: list[int], completions: list[list[int]],
                              student_logprobs: list[list[float]] | None = None,
                              prompt_row: dict | None = None) -> list[dict]:
+        from megatron_topd.rollout.validation import longest_input
         from megatron_topd.topd.cross_tokenizer import (Alignment, align_responses, span_log_ratio,
                                                         teacher_logprobs_on_student_tokens)
 
@@ -304,7 +305,7 @@ class CrossTokenizerTeacher(RemoteTeacher):
         # a row that cannot be aligned comes back as its AlignmentError: dropped from the loss, counted (step_metrics)
         alignments = align_responses(completions, self.student_tokenizer, self.teacher_tokenizer,
                                      special_map=self.special_map, errors="mask")
-        room = self.client.context_length  # a row the teacher's context cannot hold gets no signal (counted)
+        room = longest_input(self.client.context_length)  # a row the teacher cannot take gets no signal (counted)
         scored = [k for k, al in enumerate(alignments) if isinstance(al, Alignment) and al.teacher_ids
                   and (room is None or len(t_prompt) + len(al.teacher_ids) <= room)]
         scores = await self.ascores([t_prompt + alignments[k].teacher_ids for k in scored], [len(t_prompt)] * len(scored),

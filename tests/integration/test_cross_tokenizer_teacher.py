@@ -31,7 +31,12 @@ def test_opd_step_with_a_teacher_of_another_tokenizer(tmp_path, demo_assets, dem
                                servers={"student": demo_servers["student"]}) + [
         f"teacher.hf_path={cross_teacher_hf}", "teacher.placement=remote", "teacher.kl=sampled",
         "teacher.tokenizer=cross", "topd.variant=opd", "rollout.max_new_tokens=24", "train.steps=1",
-        "teacher.api=openai", "teacher.deadline_s=300", "eval.teacher=false"]
+        "teacher.api=openai", "teacher.deadline_s=300", "eval.teacher=false",
+        # the teacher's 300-token BPE writes a row in more tokens than the student's 1000-token one, and the loop
+        # launches the teacher's server at rollout.context_length: room for every row (a row over SGLang's input
+        # limit, 7 below the context, gets no signal and is counted; at 128 one row once went over and, with the
+        # limit then taken as the context itself, failed the step)
+        "rollout.context_length=256"]
     ranks = run_on_ranks(run_remote_training, 2, overrides, timeout=1200)
     assert [r["models_built"] for r in ranks] == [1, 1]  # the student only
     (row,) = ranks[0]["history"]

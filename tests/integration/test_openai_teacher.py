@@ -114,3 +114,29 @@ def test_scores_at_a_temperature_equal_the_models_log_softmax_over_t(rollout_tar
             assert "topk_ids" not in r  # the top-k only renormalised the scores
         unscaled = torch.log_softmax(logits, -1).gather(1, torch.tensor(resp)[:, None])[:, 0]
         assert (r["token_logprobs"].double() - unscaled).abs().max() > 0.05  # T = 0.7 does change them
+
+
+@pytest.mark.sglang
+def test_sglang_takes_inputs_up_to_seven_below_its_context(rollout_target):
+    """`rollout.validation.longest_input` is the real server's limit: at context length 512 an input of 505 tokens is
+    scored, 506 is refused (a cross-tokenizer teacher's rows longer than that get no signal instead of failing the
+    step). Sent past the client's own check, straight to /generate."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from megatron_topd.rollout.validation import longest_input
+
+    def score(n: int) -> int:
+        body = {"input_ids": [5] * n, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True}
+        request = urllib.request.Request(rollout_target.url + "/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            assert "maximum allowed length" in e.read().decode()
+            return e.code
+
+    assert longest_input(512) == 505
+    assert (score(505), score(506)) == (200, 400)

@@ -36,6 +36,8 @@ GREEDY = SamplingParams(max_new_tokens=4, temperature=0.0)
         ([[1, 2.0]], r"prompts\[0\]\[1\]=2\.0 is not an int token id"),
         ([[1, True]], r"prompts\[0\]\[1\]=True is not an int token id"),
         ([[1] * 61], r"prompts\[0\] has 61 tokens \+ max_new_tokens=4 > the server's context length 64"),
+        # within the context with its response, but SGLang takes at most 64 - 7 input tokens
+        ([[1] * 58], r"prompts\[0\] has 58 tokens: SGLang takes at most 57 input tokens at context length 64"),
     ],
 )
 def test_bad_prompts(client, prompts, match):
@@ -96,3 +98,12 @@ def test_per_sample_seeds_are_distinct_and_reproducible():
     params = SamplingParams(max_new_tokens=3, n=2, seed=7)
     assert params.for_sample(3, 1)["sampling_seed"] == derive_seed(7, 3, 1)
     assert "sampling_seed" not in SamplingParams(max_new_tokens=3).for_sample(0, 0)
+
+
+def test_a_sequence_to_score_longer_than_sglang_takes_is_refused_before_sending(client):
+    """Scoring sends the whole sequence as input: 57 tokens is SGLang's limit at context length 64 (the integration
+    test tests/integration/test_openai_teacher.py finds the same limit on a real server)."""
+    with pytest.raises(ValueError, match=r"sequences\[0\] has 58 tokens: SGLang takes at most 57"):
+        client.score([[1] * 58], start=1)
+    with pytest.raises(RequestFailed):  # 57 passes the checks: the request goes out, and nothing answers
+        client.score([[1] * 57], start=1)
