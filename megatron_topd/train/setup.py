@@ -221,7 +221,9 @@ def prompt_dataset(cfg: Config, tokenizer):
                              chat_template=bool(getattr(tokenizer, "chat_template", None)), max_prompt_tokens=room,
                              overflow=cfg.train.prompt_overflow)
 
-    dataset = parallel.on_rank0(make, errors=(ValueError, OSError)) or make()
+    dataset = parallel.on_rank0(make, errors=(ValueError, OSError))  # rank 0's, or None
+    if dist.get_rank() != 0:  # the lengths are cached now: the other ranks read them
+        dataset = make()
     if dist.get_rank() == 0 and dataset.skipped:
         print(f"train.prompt_overflow=skip: {len(dataset.skipped)} of {len(dataset)} prompts are longer than {room} "
               f"tokens and are left out (first rows: {dataset.skipped[:5]})", flush=True)
