@@ -109,6 +109,9 @@ class TeacherConfig:
     api_key_env: str = ""
     deadline_s: float = 0.0  # remote: a row not scored within it (retries included) is dropped and counted; 0: none
     temperature: float | None = None  # remote scores at this temperature; null: rollout.temperature (0 -> 1)
+    # the teacher server's context length (the one rank 0 launches, and the client's longest-input check); null:
+    # rollout.context_length. A teacher whose tokenizer writes a row in more tokens needs more than the student
+    context_length: int | None = None
 
     def validate(self) -> None:
         if self.api not in TEACHER_APIS:
@@ -121,6 +124,11 @@ class TeacherConfig:
             raise ValueError(f"teacher.api_max_top_k={self.api_max_top_k!r}: the server's cap on logprobs, >= 1")
         if not isinstance(self.deadline_s, (int, float)) or not 0 <= self.deadline_s < math.inf:
             raise ValueError(f"teacher.deadline_s={self.deadline_s!r}: seconds per row, >= 0 (0: no deadline)")
+        if self.context_length is not None and (isinstance(self.context_length, bool)
+                                                or not isinstance(self.context_length, int) or self.context_length < 8):
+            raise ValueError(f"teacher.context_length={self.context_length!r}: the teacher server's context in its "
+                             "tokens, an integer >= 8 (SGLang takes inputs up to 7 below it), or null for "
+                             "rollout.context_length")
         if self.temperature is not None and not 0 < self.temperature < math.inf:
             raise ValueError(f"teacher.temperature={self.temperature!r}: use a number > 0, or null for the rollout's")
         if self.placement not in TEACHER_PLACEMENTS:
@@ -168,13 +176,9 @@ def check_cross_tokenizer(placement: str, kl: str, why: str) -> None:
                          "one shared vocabulary, which a teacher with another tokenizer does not have")
 
 
-def check_cross_tokenizer_variant(variant: str, eval_teacher: bool, why: str) -> None:
-    """What the loop does not do across tokenizers yet: TOPD's probe (the teacher continuing the student's prefixes
-    in its own tokenizer, OT between the two windows, guidance targets in the student's tokens), and the teacher's
-    held-out evaluation (it would be fed the student's prompt ids)."""
-    if variant != "opd":
-        raise ValueError(f"{why} with topd.variant={variant}: the probe for a teacher with another tokenizer (its "
-                         "windows re-tokenized for OT and guidance) is not built yet; use topd.variant=opd")
+def check_cross_tokenizer_eval(eval_teacher: bool, why: str) -> None:
+    """What the loop does not do across tokenizers: the teacher's held-out evaluation (it would be fed the student's
+    prompt ids). Every topd.variant runs (TOPD's probe across tokenizers: train/cross_probe.py)."""
     if eval_teacher:
         raise ValueError(f"{why} with eval.teacher=true: the teacher's held-out evaluation feeds it the student's "
                          "prompt ids, which mean other strings to it; set eval.teacher=false")
@@ -298,14 +302,13 @@ class Config:
         if self.teacher.api == "openai":
             check_openai_teacher(self)
         if self.teacher.tokenizer == "cross":
-            check_cross_tokenizer_variant(self.topd.variant, self.eval.enabled and self.eval.teacher,
-                                          "teacher.tokenizer=cross")
+            check_cross_tokenizer_eval(self.eval.enabled and self.eval.teacher, "teacher.tokenizer=cross")
         elif self.student and self.teacher_spec and self.student.vocab_size != self.teacher_spec.vocab_size:
             raise ValueError(
                 f"student.vocab_size={self.student.vocab_size} != teacher_spec.vocab_size="
                 f"{self.teacher_spec.vocab_size}: on-policy distillation needs one shared tokenizer; "
                 "pick a student and teacher of the same tokenizer family, or serve the teacher remotely with "
-                "teacher.tokenizer=cross (teacher.placement=remote, teacher.kl=sampled, topd.variant=opd)"
+                "teacher.tokenizer=cross (teacher.placement=remote, teacher.kl=sampled)"
             )
         return self
 

@@ -27,6 +27,9 @@ which are not UTF-8 (byte-level students; one span per invalid byte sequence, th
 two runs, as around an unmapped special token). Text the teacher cannot spell raises `AlignmentError` naming the row,
 the student token and the character.
 
+TOPD's probe across tokenizers (train/cross_probe.py) uses `retokenize` (a prefix written in the teacher's tokens, a
+window written back in the student's) and `probe_position` (a candidate moved to its span's first student token).
+
 Sizes: per response O(n_student + n_teacher) Python integers; nothing grows with the vocabulary.
 """
 from __future__ import annotations
@@ -422,6 +425,27 @@ def _decoded_pieces(ids: list[int], tok, *, exact: bool = False) -> Pieces:
     if not exact and dec(ids[:tail]) != text:
         return _decoded_pieces(ids, tok, exact=True)
     return Pieces(text, starts, clean, tail)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the probe across tokenizers (TOPD): prefixes into the teacher's tokens, windows back into the student's
+
+
+def retokenize(ids: Sequence[int], from_tok, to_tok, *, special_map: Mapping[int, int] | None = None, row=None) -> list[int]:
+    """The text of ``ids`` (``from_tok``'s tokens) in ``to_tok``'s tokens: `align_response` with the roles as given,
+    so a special token maps through ``special_map`` (default: EOS -> EOS) or drops out, bytes that are not UTF-8 and
+    an incomplete last character drop out, and text ``to_tok`` cannot spell raises `AlignmentError`. The probe
+    writes the student's prefix in the teacher's tokens with it, and the teacher's window in the student's."""
+    return align_response(ids, from_tok, to_tok, special_map=special_map, row=row).teacher_ids
+
+
+def probe_position(alignment: Alignment, t: int) -> int | None:
+    """Where a candidate at response token ``t`` is probed: the first student token of its span, so the probe's
+    prefix ends where both tokenizations have a boundary (a prefix cut inside a span - student "1" of teacher "12" -
+    would hand the teacher a tokenization it never sees, "1" followed by "2"); None when the span has no teacher
+    signal (unmapped special token, bytes that are not UTF-8, an incomplete last character)."""
+    span = alignment.spans[int(alignment.student_span_index()[t])]
+    return span.student_start if span.aligned else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def run_probe(
     group=None,
     dp_group=None,
     student_servers: Sequence[str] | None = None,
+    place_candidates=None,
 ) -> ProbeResult:
     """Probe the candidates of a scored batch (token-aligned ``token_loss``/``response_mask``, see `positions`).
 
@@ -70,6 +71,9 @@ def run_probe(
     suppression over all its ranks' candidates (every rank of it must call; None = this call's candidates only).
     ``student_servers[b]``: the student server that generated sequence b (`Generation.server`), handed to the student
     sampler as a routing hint, so each window's prefix is continued where its KV is cached.
+    ``place_candidates(candidates) -> candidates`` (a teacher of another tokenizer, train/cross_probe.py; the same
+    on every rank): where each selected candidate is probed; its samplers may answer None for a candidate they
+    cannot continue in the student's tokens, which then drops out (no distance, weight, or guidance).
     """
     cfg.validate()
     if tokens.shape != token_loss.shape:
@@ -82,10 +86,15 @@ def run_probe(
         candidates = select_candidates(
             token_loss, response_mask, top_k=None, min_gap=cfg.candidate_gap, fraction=cfg.candidate_fraction
         )
+    if place_candidates is not None:
+        candidates = place_candidates(candidates)
     requests = build_requests(tokens, candidates)
     t0 = time.perf_counter()
     hints = None if student_servers is None else [student_servers[b] for b, _ in requests.owners]
-    teacher_w, student_w = _sample_windows(requests, cfg, teacher, student, seed, group, hints)
+    teacher_w, student_w = _sample_windows(requests, cfg, teacher, student, seed, group, hints,
+                                           allow_missing=place_candidates is not None)
+    if any(w is None for w in teacher_w + student_w):
+        candidates, requests, teacher_w, student_w = _without_missing(candidates, requests, teacher_w, student_w)
     t1 = time.perf_counter()
     div = window_divergence(
         teacher_w, student_w, embed, with_transport=cfg.variant == "topd" and cfg.position_weighting == "ot_plan",
@@ -141,7 +150,18 @@ def gather_distances(local: torch.Tensor, group=None) -> tuple[torch.Tensor, int
     return everyone, sum(counts[:rank])
 
 
-def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group, student_hints=None):
+def _without_missing(candidates, requests: ProbeRequests, teacher_w, student_w):
+    """The candidates whose windows both samplers gave (a None: not writable in the student's tokens)."""
+    keep = [c for c in range(len(requests)) if teacher_w[c] is not None and student_w[c] is not None]
+    owners = [requests.owners[c] for c in keep]
+    kept = set(owners)
+    return ([[t for t in ts if (b, t) in kept] for b, ts in enumerate(candidates)],
+            ProbeRequests([requests.prefixes[c] for c in keep], owners),
+            [teacher_w[c] for c in keep], [student_w[c] for c in keep])
+
+
+def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group, student_hints=None,
+                    allow_missing: bool = False):
     if len(requests) == 0:
         return [], []
     src_rank = 0 if group is None else dist.get_global_rank(group, 0)
@@ -163,7 +183,7 @@ def _sample_windows(requests, cfg: TopdConfig, teacher, student, seed, group, st
                                 **({} if student_hints is None else {"servers": student_hints}))
             payload = [t_job.result(), s_job.result()]
         for who, w in zip(("teacher", "student"), payload):
-            check_continuations(w, len(requests), cfg.samples_per_side, cfg.window, who)
+            check_continuations(w, len(requests), cfg.samples_per_side, cfg.window, who, allow_missing=allow_missing)
     if group is not None and dist.get_world_size(group) > 1:
         dist.broadcast_object_list(payload, src=src_rank, group=group)
     return payload[0], payload[1]

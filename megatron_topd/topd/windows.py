@@ -50,13 +50,16 @@ def build_requests(tokens: torch.Tensor, candidates: Sequence[Sequence[int]]) ->
 
 
 def check_continuations(
-    windows: object, n_prefixes: int, n: int, max_new_tokens: int, who: str
+    windows: object, n_prefixes: int, n: int, max_new_tokens: int, who: str, *, allow_missing: bool = False
 ) -> list[list[list[int]]]:
-    """Check a `ContinuationSampler` answer against its contract; errors name the sampler and the broken entry."""
+    """Check a `ContinuationSampler` answer against its contract; errors name the sampler and the broken entry.
+    ``allow_missing``: an entry may be None (a cross-tokenizer sampler's candidate it could not continue)."""
     if not isinstance(windows, list) or len(windows) != n_prefixes:
         got = len(windows) if isinstance(windows, list) else type(windows).__name__
         raise ValueError(f"{who} sampler returned {got} entries for {n_prefixes} prefixes")
     for i, per_prefix in enumerate(windows):
+        if per_prefix is None and allow_missing:
+            continue
         if len(per_prefix) != n:
             raise ValueError(f"{who} sampler returned {len(per_prefix)} continuations for prefix {i}, expected n={n}")
         for j, w in enumerate(per_prefix):

@@ -142,6 +142,7 @@ def probe_replica(run: Run, step: int, rows: RolloutRows, token_loss: torch.Tens
     from megatron.core import parallel_state as ps
 
     from megatron_topd.topd import embedding_lookup, run_probe
+    from megatron_topd.train.cross_probe import probe_samplers
 
     cfg, layout = run.cfg, run.layout
     tokens, response_mask = rows.padded(run.pad_id)
@@ -153,15 +154,19 @@ def probe_replica(run: Run, step: int, rows: RolloutRows, token_loss: torch.Tens
         owner = run.student[0] if cfg.topd.embedding_table(cfg.teacher.placement) == "student" else run.teacher.chunks[0]
         word = unwrap(owner).embedding.word_embeddings
         asks = ps.get_tensor_model_parallel_rank() == 0  # one rank per replica talks to the servers
+        # the servers' clients; for a teacher of another tokenizer, samplers that write both windows in the
+        # student's tokens and probe each candidate at its span's start (train/cross_probe.py)
+        teacher_side, student_side, place = probe_samplers(run.teacher, run.teacher_client, run.student_client, rows)
         probe = run_probe(
             tokens, token_loss, response_mask, cfg.topd,
-            teacher=run.teacher_client if asks else None, student=run.student_client if asks else None,
+            teacher=teacher_side if asks else None, student=student_side if asks else None,
             embed=embedding_lookup(word.weight.detach(), group=parallel.tensor_parallel_group(),
                                    vocab_start=word.vocab_start_index,
                                    vocab_size=padded_vocab_size(run.vocab, layout.tensor_parallel)),
             pad_id=run.pad_id, seed=cfg.train.seed * 7919 + step, group=parallel.tensor_parallel_group(),
             dp_group=ps.get_data_parallel_group(),  # suppression decided over the whole batch
             student_servers=rows.servers,  # each row's windows go to the server whose cache holds the row
+            place_candidates=place,
         )
         outcome = ProbeOutcome.from_probe(probe)
         if isinstance(run.teacher, RemoteTeacher) and outcome.n_windows:

@@ -179,7 +179,7 @@ def planned_peak_gb(cfg: Config, student_spec: ModelSpec, layout) -> float:
 def load_tokenizer(cfg: Config):
     """The student's tokenizer and pad id. With `teacher.hf_path`, the teacher's tokenizer is compared with it first
     (`teacher.tokenizer`: auto | same | cross): ``same`` on vocabularies that differ is refused, and a ``cross``
-    teacher must be one the loop can use (remote, `teacher.kl=sampled`, `topd.variant=opd`)."""
+    teacher must be one the loop can use (remote, `teacher.kl=sampled`, `eval.teacher=false`)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.train.student_hf_path)
@@ -192,7 +192,7 @@ def load_tokenizer(cfg: Config):
 def teacher_tokenizer_mode(cfg: Config, student_tokenizer, teacher_tokenizer, where: str) -> str:
     """`teacher.tokenizer` resolved against the two tokenizers (topd/cross_tokenizer.py `resolve_tokenizer_mode`):
     ``same`` or ``cross``; a ``cross`` teacher is checked against what runs across tokenizers (config.py)."""
-    from megatron_topd.config import check_cross_tokenizer, check_cross_tokenizer_variant
+    from megatron_topd.config import check_cross_tokenizer, check_cross_tokenizer_eval
     from megatron_topd.topd.cross_tokenizer import resolve_tokenizer_mode, tokenizer_relation
 
     try:
@@ -204,7 +204,7 @@ def teacher_tokenizer_mode(cfg: Config, student_tokenizer, teacher_tokenizer, wh
         why = (f"a teacher whose tokenizer ({where}) differs from the student's ({cfg.train.student_hf_path}: "
                f"{reason}; teacher.tokenizer=auto detected cross)")
         check_cross_tokenizer(cfg.teacher.placement, cfg.teacher.kl, why)
-        check_cross_tokenizer_variant(cfg.topd.variant, cfg.eval.enabled and cfg.eval.teacher, why)
+        check_cross_tokenizer_eval(cfg.eval.enabled and cfg.eval.teacher, why)
     return mode
 
 
@@ -261,7 +261,7 @@ class LaunchedServers:
         flags = student_server_flags(cfg.rollout, cfg.train.async_rollouts)  # windows ahead of async rollouts
         self.student_cfg = replace(cfg.rollout, extra_server_args=flags + list(cfg.rollout.extra_server_args))
         self.teacher_cfg = replace(copy.deepcopy(cfg.rollout), model_path=cfg.teacher.hf_path, num_servers=1, ports=[],
-                                   urls=[])
+                                   urls=[], context_length=teacher_context_length(cfg))
         self.student = ServerGroup.from_config(self.student_cfg) if not cfg.rollout.urls else None
         self.teacher_urls = list(cfg.teacher.urls)  # set (e.g. by a Slurm role split): launch no teacher server
         self.teacher = ServerGroup.from_config(self.teacher_cfg) if not self.teacher_urls else None
@@ -289,9 +289,9 @@ def connect_servers(cfg: Config, servers: "LaunchedServers | None", vocab: int):
     from megatron_topd.rollout.client import WINDOW_PRIORITY
     from megatron_topd.rollout.config import windows_ahead
 
-    def client(urls, window_priority=None, kind=SGLangClient, **extra):
+    def client(urls, window_priority=None, kind=SGLangClient, context_length=cfg.rollout.context_length, **extra):
         r = cfg.rollout
-        return kind(urls, vocab_size=vocab, context_length=r.context_length,
+        return kind(urls, vocab_size=vocab, context_length=context_length,
                     request_timeout_s=r.request_timeout_s, connect_timeout_s=r.connect_timeout_s,
                     max_retries=r.max_retries, retry_backoff_s=r.retry_backoff_s,
                     max_inflight_per_server=r.max_inflight_per_server, progress=False,
@@ -304,17 +304,23 @@ def connect_servers(cfg: Config, servers: "LaunchedServers | None", vocab: int):
         from megatron_topd.rollout.openai_client import OpenAICompletionsClient
 
         teacher = client(teacher_urls, kind=OpenAICompletionsClient, model=t.api_model, max_top_k=t.api_max_top_k,
-                         api_key_env=t.api_key_env)
+                         api_key_env=t.api_key_env, context_length=teacher_context_length(cfg))
     else:
-        teacher = client(teacher_urls)
+        teacher = client(teacher_urls, context_length=teacher_context_length(cfg))
     return client(student_urls, ahead), teacher, student_urls
+
+
+def teacher_context_length(cfg: Config) -> int | None:
+    """The teacher server's context length: `teacher.context_length`, else the rollouts' (`rollout.context_length`)."""
+    return cfg.teacher.context_length if cfg.teacher.context_length is not None else cfg.rollout.context_length
 
 
 def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
     """The remote teacher behind `teacher.urls` (or the server rank 0 launched), after comparing its tokenizer with
     the student's (`teacher.tokenizer`): the same vocabulary gives a `RemoteTeacher` scoring the student's ids; another
     one a `CrossTokenizerTeacher` (its tokenizer from `teacher.hf_path`, else the server's `tokenizer_path`) that
-    scores its own tokenization of each response (on rank 0, which alone scores; other ranks get the mode)."""
+    scores its own tokenization of each response (on rank 0, which alone scores and asks for windows; other ranks
+    get the mode, and for TOPD the teacher's tokenizer too: every rank moves the probe's candidates to span starts)."""
     from transformers import AutoTokenizer
 
     from megatron_topd.rollout.weight_sync.admin import call
@@ -340,8 +346,18 @@ def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
                   deadline_s=cfg.teacher.deadline_s)
     if mode == "same":
         return RemoteTeacher(client, kl=cfg.teacher.kl, top_k=cfg.teacher.top_k, **signal)
+    if cfg.topd.variant != "opd":  # the probe: every rank places candidates, rank 0 alone asks for windows
+        from megatron.core import parallel_state as ps
+
+        if ps.get_data_parallel_world_size() > 1:
+            raise ValueError(f"teacher.tokenizer=cross with topd.variant={cfg.topd.variant} runs at data-parallel "
+                             f"size 1 (got {ps.get_data_parallel_world_size()}): only rank 0 knows the teacher's "
+                             "rendering of each prompt; use tensor/pipeline parallelism, or topd.variant=opd")
+        found = parallel.broadcast_object(found)
+        if teacher_tok is None:
+            teacher_tok = AutoTokenizer.from_pretrained(found[0])
     scoring = client
-    if found is not None:  # rank 0: the teacher's ids are range-checked against the teacher's vocabulary
+    if found is not None and dist.get_rank() == 0:  # the teacher's ids are range-checked against its vocabulary
         scoring = copy.copy(client)
         scoring.vocab_size = _model_rows(found[1]) or len(teacher_tok)
     return CrossTokenizerTeacher(scoring, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import OrderedDict
 from typing import Protocol
 
 import torch
@@ -249,26 +250,39 @@ class CrossTokenizerTeacher(RemoteTeacher):
     The teacher's prompt is the dataset row rendered by the teacher's tokenizer: its messages in the teacher's chat
     template (with the generation prompt) when it has one, else their text joined by newlines, as
     `rollout.prompts.PromptDataset` renders it for the student. Without the row (a caller that only has ids), the
-    student's prompt ids are decoded (special tokens skipped) and that text is the one user message.
+    student's prompt ids are decoded (special tokens skipped) and that text is the one user message. The rendering
+    of each scored prompt is remembered (the last ``remember`` prompts, shared with `with_own_client` copies) for
+    TOPD's probe, whose prefixes start with the student's prompt ids (train/cross_probe.py); its guidance rows get
+    hard targets (`score_guidance`).
     """
 
     wants_sample_context = True  # the rollout source passes each sample's log-probs and the prompt's dataset row
 
     def __init__(self, client, *, student_tokenizer, teacher_tokenizer, top_k: int = 1, special_map=None,
-                 temperature: float = 1.0, deadline_s: float = 0.0):
+                 temperature: float = 1.0, deadline_s: float = 0.0, prompts: "OrderedDict | None" = None,
+                 remember: int = 8192):
         from megatron_topd.topd.cross_tokenizer import default_special_map
 
         super().__init__(client, kl="sampled", top_k=top_k, temperature=temperature, deadline_s=deadline_s)
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
-        if special_map is None:  # ranks other than 0 hold no tokenizers: they never score
+        if special_map is None:  # without the teacher's tokenizer (ranks of an OPD run other than 0) it never scores
             special_map = default_special_map(student_tokenizer, teacher_tokenizer) if teacher_tokenizer else {}
         self.special_map = dict(special_map)
+        # student prompt ids -> the teacher's prompt ids, as scored (the probe's prefixes start with the former)
+        self.prompts = OrderedDict() if prompts is None else prompts
+        self.remember = remember
+        self.dropped_candidates = 0  # the probe's candidates without windows in both tokenizers, since the last metrics
 
     def with_own_client(self) -> "CrossTokenizerTeacher":
         return CrossTokenizerTeacher(self.client.with_own_pool(), student_tokenizer=self.student_tokenizer,
                                      teacher_tokenizer=self.teacher_tokenizer, top_k=self.top_k,
                                      special_map=self.special_map, temperature=self.temperature,
-                                     deadline_s=self.deadline_s)
+                                     deadline_s=self.deadline_s, prompts=self.prompts, remember=self.remember)
+
+    def prompt_for(self, prompt: list[int]) -> list[int]:
+        """The teacher's prompt ids of a student prompt scored lately (else `teacher_prompt` without its row)."""
+        found = self.prompts.get(tuple(prompt))
+        return list(found) if found is not None else self.teacher_prompt(prompt)
 
     def teacher_prompt(self, prompt: list[int], prompt_row: dict | None = None) -> list[int]:
         """The prompt in the teacher's tokens (class docstring)."""
@@ -302,6 +316,9 @@ class CrossTokenizerTeacher(RemoteTeacher):
             raise ValueError("a cross-tokenizer teacher needs the student's log-prob of every sampled token (the "
                              "span-level signal is log pi_S - log pi_T over a span): pass student_logprobs")
         t_prompt = self.teacher_prompt(prompt, prompt_row)
+        self.prompts[tuple(prompt)] = t_prompt
+        while len(self.prompts) > self.remember:
+            self.prompts.popitem(last=False)
         # a row that cannot be aligned comes back as its AlignmentError: dropped from the loss, counted (step_metrics)
         alignments = align_responses(completions, self.student_tokenizer, self.teacher_tokenizer,
                                      special_map=self.special_map, errors="mask")
@@ -334,17 +351,30 @@ class CrossTokenizerTeacher(RemoteTeacher):
         raise NotImplementedError("a cross-tokenizer teacher scores samples as they are generated (ascore_samples), "
                                   "with the student's log-probs")
 
-    def score_guidance(self, tokens, lengths, window_start):
-        raise NotImplementedError("guidance along the teacher's windows across tokenizers is not built yet: "
-                                  "teacher.tokenizer=cross runs topd.variant=opd")
+    def score_guidance(self, tokens, lengths, window_start) -> list[dict]:
+        """Hard targets along the teacher's windows, which the probe wrote in the student's tokens
+        (train/cross_probe.py): at each window position the target is the window's own token with probability 1
+        (``topk_ids [K, 1]``, ``topk_logprobs`` 0), so the trajectory term's top-k forward KL is
+        ``-log pi_S(y_i | c_i)`` exactly (the teacher's tail is empty). The teacher's distribution is over another
+        vocabulary; its sampled window is a draw from it, so the expected gradient is that of the forward KL of
+        the window's text (docs/method.md "Cross-tokenizer TOPD"). No server call."""
+        rows = []
+        for i in range(tokens.shape[0]):
+            ids = tokens[i, int(window_start[i]) : int(lengths[i])]
+            rows.append({"token_logprobs": torch.zeros(len(ids)), "topk_ids": ids.to(torch.int32)[:, None],
+                         "topk_logprobs": torch.zeros(len(ids), 1)})
+        return rows
 
     counts_rows = True  # metrics every step, deadline or not
 
     def row_counts(self, rows: list[dict]) -> dict:
         """``cross_tokenizer_masked_tokens`` (response tokens without a teacher signal, weight 0),
         ``cross_tokenizer_unaligned_rows`` (responses that could not be aligned at all, all their tokens masked),
-        ``cross_tokenizer_response_tokens`` and ``teacher_late_rows``."""
-        return {"cross_tokenizer_masked_tokens": float(sum(int((~r["signal_mask"]).sum()) for r in rows)),
+        ``cross_tokenizer_response_tokens``, ``teacher_late_rows`` and ``cross_tokenizer_dropped_candidates`` (the
+        probe's candidates without windows in both tokenizers since the last call, which resets it)."""
+        dropped, self.dropped_candidates = self.dropped_candidates, 0
+        return {"cross_tokenizer_dropped_candidates": float(dropped),
+                "cross_tokenizer_masked_tokens": float(sum(int((~r["signal_mask"]).sum()) for r in rows)),
                 "cross_tokenizer_unaligned_rows": float(sum(not r["aligned"] for r in rows)),
                 "cross_tokenizer_response_tokens": float(sum(len(r["signal_mask"]) for r in rows)),
                 **super().row_counts(rows)}

@@ -18,7 +18,9 @@ def cfg(overrides: list[str], tmp_path) -> Config:
 
 def test_default_is_auto_and_a_remote_sampled_opd_teacher_validates(tmp_path):
     assert Config().teacher.tokenizer == "auto"
-    cfg(REMOTE_CROSS, tmp_path).validate()  # the one combination that runs across tokenizers
+    cfg(REMOTE_CROSS, tmp_path).validate()  # remote, sampled: what runs across tokenizers, with every variant
+    for variant in ("topd", "opd_suppress"):
+        cfg(REMOTE_CROSS + [f"topd.variant={variant}"], tmp_path).validate()
     for mode in ("auto", "same"):  # same-tokenizer teachers: every variant and estimator as before
         cfg([f"teacher.tokenizer={mode}", "teacher.placement=remote", "teacher.kl=topk"], tmp_path).validate()
         cfg([f"teacher.tokenizer={mode}"], tmp_path).validate()
@@ -32,10 +34,10 @@ def test_unknown_mode_names_the_choices(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["teacher.placement=colocated", "teacher.kl=full"], r"teacher.tokenizer=cross needs teacher.placement=remote"),
     (["teacher.kl=topk"], r"teacher.tokenizer=cross needs teacher.kl=sampled, not topk: top-k and full KL"),
-    (["topd.variant=topd"], r"teacher.tokenizer=cross with topd.variant=topd: .* not built yet; use topd.variant=opd"),
-    (["topd.variant=opd_suppress"], r"topd.variant=opd_suppress: .* not built yet; use topd.variant=opd"),
+    (["teacher.api=openai", "topd.variant=topd"], r"teacher.api=openai with topd.variant=topd: the probe needs the "
+                                                  r"teacher to continue prefixes"),
 ])
-def test_cross_refuses_what_needs_a_shared_vocabulary_or_the_probe(tmp_path, overrides, message):
+def test_cross_refuses_what_needs_a_shared_vocabulary_or_a_teacher_that_generates(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         cfg(REMOTE_CROSS + overrides, tmp_path).validate()
 
@@ -62,3 +64,10 @@ def test_vocab_check_relaxed_for_cross_only(tmp_path):
     cross = cfg(REMOTE_CROSS, tmp_path)
     cross.student, cross.teacher_spec = student, teacher
     cross.validate()
+
+
+@pytest.mark.parametrize("value", [0, 7, 1.5, True, "long"])
+def test_teacher_context_length_is_checked(tmp_path, value):
+    with pytest.raises(ValueError, match=r"teacher.context_length=.*integer >= 8 .* or null for rollout.context_length"):
+        cfg([f"teacher.context_length={value}"], tmp_path).validate()
+    assert cfg(["teacher.context_length=256"], tmp_path).validate().teacher.context_length == 256

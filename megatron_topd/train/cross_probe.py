@@ -1,0 +1,130 @@
+"""TOPD's probe with a teacher of another tokenizer (issue 27; docs/method.md "Cross-tokenizer TOPD",
+docs/remote_teacher.md "Teachers with another tokenizer"): where a candidate is probed, and both sides' windows
+written in the student's tokens.
+
+    teacher_side, student_side, place = probe_samplers(run.teacher, run.teacher_client, run.student_client, rows)
+    run_probe(..., teacher=teacher_side, student=student_side, place_candidates=place)
+
+- **Where**: a candidate moves to the first student token of its span (`probe_position`), so the probe's prefix ends
+  where both tokenizations have a boundary; a candidate in a span without a teacher signal is not probed.
+- **Teacher side** (`TeacherWindows`, a `ContinuationSampler` over the student's ids): the prefix's prompt becomes
+  the teacher's rendering of the same dataset row (`CrossTokenizerTeacher.prompt_for`, remembered when the samples
+  were scored), its response part is re-tokenized with the teacher's tokenizer (`retokenize`), the teacher's
+  server continues that in its own ids (`topd.window` of its tokens), and each window is decoded and re-tokenized
+  with the student's tokenizer, cut to `topd.window` student tokens.
+- **Student side** (`StudentWindows`): the student's window re-tokenized canonically with its own tokenizer, so
+  both windows are the student tokenizer's ids of their texts - one space for OT (the student's input embeddings),
+  where two identical texts are at distance exactly 0 however they were sampled - and the teacher's window is a
+  guidance target in the student's tokens (hard targets: `CrossTokenizerTeacher.score_guidance`).
+
+A candidate whose prefix or any of its windows cannot be written in the other tokenizer (`AlignmentError`), whose
+teacher prefix does not fit the teacher's context, or whose window re-tokenizes to nothing comes back as None:
+`run_probe` drops it (no OT distance, no suppression, no guidance) and the teacher counts it
+(`cross_tokenizer_dropped_candidates`). Everything here is per candidate, Python lists of ids: no vocabulary
+dimension.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from megatron_topd.rollout.validation import longest_input
+from megatron_topd.topd.cross_tokenizer import AlignmentError, align_response, probe_position, retokenize
+from megatron_topd.train.teacher import CrossTokenizerTeacher
+
+
+def probe_samplers(teacher, teacher_client, student_client, rows):
+    """(teacher sampler, student sampler, candidate placement or None) for `run_probe`: the clients themselves
+    for a teacher that shares the student's tokenizer, the cross-tokenizer samplers otherwise."""
+    if not isinstance(teacher, CrossTokenizerTeacher):
+        return teacher_client, student_client, None
+    return (TeacherWindows(teacher, rows.prompts), StudentWindows(student_client, teacher.student_tokenizer),
+            lambda candidates: place_candidates(teacher, rows, candidates))
+
+
+def place_candidates(teacher: CrossTokenizerTeacher, rows, candidates: list[list[int]]) -> list[list[int]]:
+    """Each candidate (token-aligned, in prompt + response) at the start of its span; candidates whose span has no
+    teacher signal, or whose response cannot be aligned at all, leave; two landing on one start become one. The
+    same on every rank (every rank holds both tokenizers)."""
+    out = []
+    for b, ts in enumerate(candidates):
+        start = len(rows.prompts[b])
+        try:
+            al = align_response(rows.responses[b], teacher.student_tokenizer, teacher.teacher_tokenizer,
+                                special_map=teacher.special_map, row=b)
+        except AlignmentError:
+            out.append([])
+            continue
+        moved = [probe_position(al, t - start) for t in ts]
+        out.append(list(dict.fromkeys(start + p for p in moved if p is not None)))
+    return out
+
+
+class TeacherWindows:
+    """The teacher's near-future windows of student-id prefixes, in the student's ids (module docstring);
+    None for a candidate it cannot continue."""
+
+    def __init__(self, teacher: CrossTokenizerTeacher, prompts: Sequence[Sequence[int]]):
+        self.teacher = teacher
+        self.prompts = {tuple(p) for p in prompts}
+        self.prompt_lengths = sorted({len(p) for p in prompts}, reverse=True)
+
+    def teacher_prefix(self, prefix: Sequence[int]) -> list[int] | None:
+        """The prefix in the teacher's ids: its prompt rendered for the teacher, then its response part's text."""
+        t = self.teacher
+        cut = next((n for n in self.prompt_lengths if tuple(prefix[:n]) in self.prompts), None)
+        if cut is None:
+            raise ValueError("a probe prefix starts with none of this step's prompts: build TeacherWindows with the "
+                             "rows whose candidates are probed")
+        try:
+            response = retokenize(prefix[cut:], t.student_tokenizer, t.teacher_tokenizer, special_map=t.special_map)
+        except AlignmentError:
+            return None
+        return t.prompt_for(list(prefix[:cut])) + response
+
+    def continue_prefixes(self, prefixes, *, max_new_tokens: int, n: int, temperature: float, top_p: float,
+                          seed: int | None, servers=None) -> list[list[list[int]] | None]:
+        t = self.teacher
+        mapped = [self.teacher_prefix(p) for p in prefixes]
+        context = t.client.context_length
+        fits = [i for i, m in enumerate(mapped) if m is not None and (context is None or (
+            len(m) + max_new_tokens <= context and len(m) <= longest_input(context)))]
+        windows = t.client.continue_prefixes([mapped[i] for i in fits], max_new_tokens=max_new_tokens, n=n,
+                                             temperature=temperature, top_p=top_p, seed=seed) if fits else []
+        out: list = [None] * len(prefixes)
+        back = {t.special_map[s]: s for s in t.special_map}  # the teacher's EOS -> the student's
+        for i, per_prefix in zip(fits, windows):
+            student = [in_student_tokens(w, t.teacher_tokenizer, t.student_tokenizer, back, max_new_tokens)
+                       for w in per_prefix]
+            out[i] = None if any(w is None for w in student) else student
+        t.dropped_candidates += out.count(None)
+        return out
+
+
+class StudentWindows:
+    """The student's windows (its servers, `servers` routing hints passed on), each re-tokenized canonically with
+    its own tokenizer (module docstring); None for a candidate whose window spells nothing."""
+
+    def __init__(self, client, tokenizer):
+        self.client, self.tokenizer = client, tokenizer
+
+    def continue_prefixes(self, prefixes, *, max_new_tokens: int, n: int, temperature: float, top_p: float,
+                          seed: int | None, servers=None) -> list[list[list[int]] | None]:
+        windows = self.client.continue_prefixes(prefixes, max_new_tokens=max_new_tokens, n=n, temperature=temperature,
+                                                top_p=top_p, seed=seed, servers=servers)
+        eos = self.tokenizer.eos_token_id
+        same = {} if eos is None else {eos: eos}
+        out = []
+        for per_prefix in windows:
+            canonical = [in_student_tokens(w, self.tokenizer, self.tokenizer, same, max_new_tokens) for w in per_prefix]
+            out.append(None if any(w is None for w in canonical) else canonical)
+        return out
+
+
+def in_student_tokens(window: Sequence[int], from_tok, student_tok, special_map: dict, limit: int) -> list[int] | None:
+    """A window's text in the student's tokens, at most ``limit`` of them; None when that is nothing or the student's
+    tokenizer cannot spell it (`retokenize`: mapped special tokens kept, others and broken bytes left out)."""
+    try:
+        ids = retokenize(window, from_tok, student_tok, special_map=special_map)[:limit]
+    except AlignmentError:
+        return None
+    return ids or None
