@@ -77,3 +77,10 @@ bench-weight-sync: setup setup-sglang
 RUNS ?= 20
 test-repeat: setup setup-sglang
 	$(PY) scripts/repeat_tests.py --runs $(RUNS) $(if $(BURN),--burn) $(TESTS)
+
+# TOPD on the demo task with a teacher of another tokenizer (issue 27, docs/remote_teacher.md "A run on the demo
+# task"): the demo's trained teacher behind its own character-level tokenizer, 60 steps; not part of make test.
+# Under the lock: flock /tmp/topd-heavy.lock make demo-cross [ARGS="train.steps=120"]
+.PHONY: demo-cross
+demo-cross: setup setup-sglang
+	$(PY) scripts/demo_cross.py $(ARGS)

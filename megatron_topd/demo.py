@@ -95,7 +95,12 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     paths = build_assets(root / "assets")
     run_dir = root / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # every `make demo` is a fresh run (assets are reused)
-    overrides = [*asset_overrides(paths), f"train.output_dir={run_dir}", *overrides]
+    return run_and_summarise(config_path, [*asset_overrides(paths), f"train.output_dir={run_dir}", *overrides], run_dir)
+
+
+def run_and_summarise(config_path: str, overrides: list[str], run_dir: Path) -> int:
+    """torchrun the training (one CPU thread per rank) and print the table of ``run_dir`` when it succeeds (the demo,
+    and scripts/demo_cross.py)."""
     cmd = torchrun(config_path, overrides, world_size(config_path, overrides))
     print("+", " ".join(cmd), flush=True)
     code = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
