@@ -6,6 +6,11 @@ Starts this node's SGLang server(s) bound to `launch.server_bind` (default every
 publishes each URL (the node's name, or its address on `launch.network_interface`: never 127.0.0.1) under `<endpoints>/<role>/`, then serves until the trainer's exit file appears (exit
 with the trainer's code, so whichever role a launcher sees end first reports the trainer's result) or a server dies
 (exit 1 with its log tail).
+
+SIGTERM is held, here and in SGLang (rollout/hold_sigterm.py): Slurm sends it to every process of the job's steps
+when it asks the job to stop (preemption with GraceTime, `scancel --signal=TERM`), and the trainer's step in flight
+needs its servers until it has checkpointed. The role stops its servers (SIGKILL) once the trainer's exit file says
+the trainer is done; Slurm's SIGKILL (KillWait or GraceTime after the SIGTERM) ends whatever is left.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held until the trainer is done (docstring)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the trainer's stop request; a server just keeps serving
     data = load_raw(args.config, args.overrides)
     lc = launch_section(data)
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                             address=published_address(lc, nodes[index]))
     print(f"[{args.role} {endpoints.node_name()}] starting {len(specs)} server(s): "
           + "; ".join(" ".join(s.server.command()) for s in specs), flush=True)
-    grace_s = 20.0
+    term_seen = False
     try:
         for s in specs:
             s.server.start()
@@ -65,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             code = endpoints.read_exit(root)
             if code is not None:
                 print(f"[{args.role} {endpoints.node_name()}] trainer exited with {code}: stopping", flush=True)
-                grace_s = 5.0  # nothing more to serve: SGLang's graceful shutdown (7-15 s on a CPU) is not needed
                 return code
+            if not term_seen and signal.SIGTERM in signal.sigpending():
+                term_seen = True
+                print(f"[{args.role} {endpoints.node_name()}] SIGTERM held: serving until the trainer has ended",
+                      flush=True)
             for s in specs:
                 if not s.server.is_running():
                     print(f"[{args.role} {s.node}] SGLang server {s.name} died (log {s.server.log_path}):\n"
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
     finally:
         for s in specs:
-            s.server.stop(timeout_s=grace_s)
+            s.server.stop()  # SIGKILL: SGLang holds SIGTERM
 
 
 if __name__ == "__main__":

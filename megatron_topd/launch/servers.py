@@ -50,7 +50,8 @@ def servers_on_node(data: dict, lc: LaunchConfig, role: str, nodes: list[str], n
                     address: str | None = None) -> list[ServerSpec]:
     """The servers of `role` on `nodes[node_index]` (`nodes`: this role's nodes, in order). They bind
     `launch.server_bind` (default every interface) and are reached at `address` (default the node's name; the role
-    on its node passes `launch.config.published_address`)."""
+    on its node passes `launch.config.published_address`). They hold SIGTERM (rollout/hold_sigterm.py): Slurm's
+    stop request to the job's processes must not take the trainer's servers away mid-step (launch/serve.py)."""
     from megatron_topd.launch.config import section
     from megatron_topd.rollout.config import RolloutConfig, student_server_flags
     from megatron_topd.rollout.server import SGLangServer
@@ -78,6 +79,6 @@ def servers_on_node(data: dict, lc: LaunchConfig, role: str, nodes: list[str], n
             port=port, device=cfg.device, dtype=cfg.dtype,
             tp_size=cfg.tp_size * span if span > 1 else cfg.tp_size, mem_fraction_static=cfg.mem_fraction_static,
             context_length=cfg.context_length, seed=cfg.server_seed, extra_args=extra,
-            log_dir=Path(log_dir) / "sglang", startup_timeout_s=cfg.startup_timeout_s)
+            log_dir=Path(log_dir) / "sglang", startup_timeout_s=cfg.startup_timeout_s, hold_sigterm=True)
         out.append(ServerSpec(role, f"{node}-{i}", node, node_rank == 0, server))
     return out

@@ -5,9 +5,10 @@
 In a role-split job it first waits for every server's URL under `<endpoints>/` (deadline: launch.endpoint_timeout_s)
 and hands them to the run as `rollout.urls` / `teacher.urls`, with the weight-sync master address set to the first
 trainer node's name (routable from the server nodes). Without server nodes, rank 0 launches the servers itself.
-A stop request (SIGUSR1, the file `<endpoints>/stop`, or the time limit ahead; see train/preemption.py and
-launch/deadline.py) ends the run after a checkpoint: trainer.exit holds 75 (requeue me) while the processes exit
-TOPD_STOP_EXIT_CODE (0 under slurm/job.sh, which reads the file; 75 under NeMo-Run).
+A stop request (SIGUSR1; SIGTERM, which Slurm sends to every task on preemption with GraceTime or
+`scancel --signal=TERM`; the file `<endpoints>/stop`; or the time limit ahead: train/preemption.py,
+launch/deadline.py) ends the run after the step in flight and a checkpoint: trainer.exit holds 75 (requeue me)
+while the processes exit TOPD_STOP_EXIT_CODE (0 under slurm/job.sh, which reads the file; 75 under NeMo-Run).
 Rank 0 (any rank on failure) writes `<endpoints>/trainer.exit`, on which the server roles stop.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -44,7 +46,9 @@ def handoff_overrides(data: dict, lc, root, logs, nodes: list[str]) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    preemption.install()  # first: a stop request that comes while models load must not kill the task
+    # First: a stop request that comes while models load must not kill the task. SIGTERM too: the servers hold it
+    # (launch/serve.py) until this trainer has checkpointed and ended.
+    preemption.install(signals=(signal.SIGUSR1, signal.SIGTERM))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
@@ -63,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_topd.launch.deadline import Deadline
 
     deadline = Deadline(root, Path(out) / "checkpoints")
-    preemption.install(stop_check=lambda: endpoints.stop_requested(root) or deadline())
+
+    def stop_check() -> bool:
+        by_time = deadline()  # called every step, a stop file or not: it measures the steps
+        by_file = endpoints.stop_requested(root)
+        if by_file:
+            print(f"[trainer {endpoints.node_name()}] {root}/stop: the batch script asks for a stop", flush=True)
+        return by_file or by_time
+
+    preemption.install(stop_check=stop_check)
     code = 1
     try:
         endpoints.use_api_key(root)  # its clients and weight sync send the servers' key (servers it starts need it)

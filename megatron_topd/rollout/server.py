@@ -11,6 +11,9 @@ thread also gets SIGTERM if the launching process dies.
 With an API key (the job's, `auth.py`), SGLang gets it from a 0600 `--config` YAML file (never on its command line,
 which every user can list), and its output reaches the log through a pipe that hides the key: SGLang 0.5.23 logs
 all its server arguments, `api_key` included.
+
+With `hold_sigterm=True` (the Slurm server roles) SGLang runs with SIGTERM held (`hold_sigterm.py`): Slurm's SIGTERM
+to the job's processes does not stop it, and `stop()` ends it with SIGKILL.
 """
 from __future__ import annotations
 
@@ -26,12 +29,14 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from functools import partial
 from pathlib import Path
 
 from .auth import auth_headers, job_key
 from .errors import ServerStartError
 
 CPU_SHIMS_DIR = Path(__file__).resolve().parent / "cpu_shims"
+HOLD_SIGTERM = Path(__file__).resolve().parent / "hold_sigterm.py"  # runs SGLang with SIGTERM blocked
 # Flags that make SGLang 0.5.23 run on a plain CPU (see docs/rollout.md); extra_args come later and override them.
 CPU_DEFAULT_ARGS = (
     "--attention-backend", "torch_native",
@@ -82,6 +87,7 @@ class SGLangServer:
         env: dict[str, str] | None = None,
         module: str = "sglang.launch_server",
         api_key: str | None = None,
+        hold_sigterm: bool = False,
     ):
         # Absolute paths: the server runs in its log directory (it drops crash files into its working directory).
         self.model_path = str(Path(model_path).absolute()) if Path(model_path).exists() else str(model_path)
@@ -105,6 +111,7 @@ class SGLangServer:
         self.env = dict(env or {})
         self.module = module
         self.api_key = api_key if api_key is not None else job_key()  # None: no key (a local run)
+        self.hold_sigterm = hold_sigterm  # SIGTERM held (hold_sigterm.py); stop() uses SIGKILL
         self.proc: subprocess.Popen | None = None
         self._log_file = None
         self._log_copier: threading.Thread | None = None
@@ -134,7 +141,8 @@ class SGLangServer:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", self.module, "--model-path", self.model_path, "--host", self.bind,
+        launch = [str(HOLD_SIGTERM), self.module] if self.hold_sigterm else ["-m", self.module]
+        cmd = [self.python, *launch, "--model-path", self.model_path, "--host", self.bind,
                "--port", str(self.port), "--device", self.device, "--dtype", self.dtype,
                "--tp-size", str(self.tp_size), "--random-seed", str(self.seed)]
         if self.device == "cpu":
@@ -199,7 +207,9 @@ class SGLangServer:
             env=self.environment(),
             cwd=self.log_path.parent,
             start_new_session=True,  # own process group: stop() ends the scheduler/detokenizer children too
-            preexec_fn=_die_with_parent if (in_main and sys.platform == "linux") else None,
+            # with SIGTERM held only SIGKILL ends it when the launching thread's process dies
+            preexec_fn=partial(_die_with_parent, signal.SIGKILL if self.hold_sigterm else signal.SIGTERM)
+            if (in_main and sys.platform == "linux") else None,
         )
         if self.api_key:
             self._log_copier = threading.Thread(target=_copy_hiding, daemon=True, name=f"log {self.url}",
@@ -268,14 +278,16 @@ class SGLangServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it after `timeout_s`. Idempotent."""
+        """SIGTERM the server's process group, SIGKILL it after `timeout_s` (at once when SIGTERM is held).
+        Idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None:
+        if proc is not None and not self.hold_sigterm:
             _signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 pass
+        if proc is not None:
             _signal_group(proc, signal.SIGKILL)  # also reaps children that outlived the main process
             try:
                 proc.wait(timeout=10)
@@ -408,12 +420,12 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM it when the launching thread's process dies."""
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In the child before exec: ask Linux to send it `sig` when the launching thread's process dies."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
 
 
 def stop_all() -> None:

@@ -8,8 +8,10 @@ sent to a trainer process directly works too. The handler only sets a flag: the
 step in flight (generation, collectives, optimizer) runs to its end. At the end of each step every rank calls
 `stop_requested()`, one MAX all-reduce of that flag over the world, so all ranks take the same decision in the same
 step even when the signal reached only some of them (or reached them during different steps): no rank is left
-waiting in a collective. The loop then saves a checkpoint and returns; `megatron_topd.launch.trainer` exits with
-`REQUEUE_EXIT_CODE` so the batch script requeues the job, which resumes from that checkpoint.
+waiting in a collective. Under Slurm SIGTERM is a stop request too (launch/trainer.py installs both): preemption
+with GraceTime and `scancel --signal=TERM` send it to every task of the job, and the server roles hold it until the
+trainer has ended (launch/serve.py). The loop then saves a checkpoint and returns; `megatron_topd.launch.trainer`
+exits with `REQUEUE_EXIT_CODE` so the batch script requeues the job, which resumes from that checkpoint.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on request, checkpoint saved, run me again"
 
-_state = {"installed": False, "signal": None, "stopped": False, "stop_check": None}
+_state = {"installed": False, "signal": None, "reported": False, "stopped": False, "stop_check": None}
 
 
 def install(signals: tuple[int, ...] = (signal.SIGUSR1,), stop_check: Callable[[], bool] | None = None) -> None:
@@ -42,10 +44,15 @@ def install(signals: tuple[int, ...] = (signal.SIGUSR1,), stop_check: Callable[[
 
 
 def requested_locally() -> bool:
-    if _state["signal"] is not None:
-        return True
     check = _state["stop_check"]
-    return check is not None and bool(check())
+    by_check = check is not None and bool(check())  # called every step: it may measure them (launch/deadline.py)
+    if _state["signal"] is not None:
+        if not _state["reported"]:  # said here, not in the handler (no I/O inside a signal handler)
+            _state["reported"] = True
+            print(f"[preemption] rank {dist.get_rank() if dist.is_initialized() else 0}: "
+                  f"{signal.Signals(_state['signal']).name} received, stopping after this step", flush=True)
+        return True
+    return by_check
 
 
 def stop_requested(group=None) -> bool:
@@ -75,7 +82,7 @@ def stopped_early() -> bool:
 
 def reset() -> None:
     """Forget the request (tests running several loops in one process)."""
-    _state.update(signal=None, stopped=False, stop_check=None)
+    _state.update(signal=None, reported=False, stopped=False, stop_check=None)
 
 
 TEMPORARY_MARK = "PREEMPTION_CHECKPOINT"
