@@ -50,3 +50,12 @@ def rank0_work_outcomes() -> list[str]:
         except (ValueError, OSError) as exc:
             outcomes.append(f"{type(exc).__name__}: {exc}")
     return outcomes
+
+
+def environment_and_modules(names: list[str]) -> dict:
+    """What a rank sees of the caller's environment, and whether the fork server's modules were already there when
+    the rank started (imported before this function ran, i.e. inherited, not imported again)."""
+    import sys
+
+    return {"env": {n: os.environ.get(n) for n in names}, "preloaded": "megatron.core" in sys.modules,
+            "pid": os.getpid()}

@@ -14,6 +14,23 @@ def test_ranks_meet_at_the_parents_store_and_return_in_order():
     assert all(r["master_port"] is None for r in results)  # nothing in a rank may bind the rendezvous port
 
 
+def test_ranks_see_the_callers_environment_of_the_call_not_the_fork_servers(monkeypatch):
+    """Ranks are forked from a server started at the first call (it imported torch and Megatron once); the
+    environment must still be the caller's at each call: a variable set, changed or removed since reaches them."""
+    monkeypatch.setenv("TOPD_SPAWN_PROBE", "first")
+    monkeypatch.setenv("TOPD_SPAWN_GONE", "here")
+    first = run_on_ranks(spawn_jobs.environment_and_modules, 2, ["TOPD_SPAWN_PROBE", "TOPD_SPAWN_GONE"])
+    monkeypatch.setenv("TOPD_SPAWN_PROBE", "second")
+    monkeypatch.delenv("TOPD_SPAWN_GONE")
+    second = run_on_ranks(spawn_jobs.environment_and_modules, 2,
+                          ["TOPD_SPAWN_PROBE", "TOPD_SPAWN_GONE", "TOPD_SPAWN_EXTRA"], env={"TOPD_SPAWN_EXTRA": "call"})
+    assert [r["env"] for r in first] == [{"TOPD_SPAWN_PROBE": "first", "TOPD_SPAWN_GONE": "here"}] * 2
+    assert [r["env"] for r in second] == [{"TOPD_SPAWN_PROBE": "second", "TOPD_SPAWN_GONE": None,
+                                           "TOPD_SPAWN_EXTRA": "call"}] * 2
+    assert all(r["preloaded"] for r in first + second)  # forked with Megatron-Core imported, not imported anew
+    assert len({r["pid"] for r in first + second}) == 4
+
+
 def test_a_failing_rank_is_reported_with_its_traceback():
     with pytest.raises(RankFailed, match=r"(?s)--- rank 1 ---.*ValueError: rank one was told to fail"):
         run_on_ranks(spawn_jobs.fail_on_rank_one, 2, timeout=300)
