@@ -61,10 +61,13 @@ experiment: setup setup-sglang
 clean-env:
 	rm -rf $(VENV) $(VENV_SGLANG) $(VENV_NEMORUN)
 
-# The step-time model against a measured CPU demo step, phase by phase (issue 24, docs/planning.md): a few minutes.
+# The step-time model against a measured CPU demo step, phase by phase (issue 24, docs/planning.md): the CPU profile
+# calibrated, then the demo step measured right after it on its figures; about 10 minutes. Run it under the lock:
+# flock /tmp/topd-heavy.lock make bench-step-model
 .PHONY: bench-step-model
 bench-step-model: setup setup-sglang
-	$(PY) benchmarks/bench_step_time_model.py $(ARGS)
+	$(PY) benchmarks/calibrate_cpu_profile.py --out runs/calibrate_cpu/profile.json
+	$(PY) benchmarks/bench_step_time_model.py --profile-json runs/calibrate_cpu/profile.json $(ARGS)
 
 # Weight sync at TP2 x PP2 to 2 CPU SGLang servers, the rank-0 funnel beside the per-stage push (issue 25,
 # docs/rollout.md): about 10 minutes on 2 cores; not part of make test. ARGS: e.g. --repeats 3 --servers 1

@@ -7,14 +7,21 @@ apart from any TOPD step, on one thread per process as the demo runs (OMP_NUM_TH
   (a 16-token microbatch is launch-bound) and per token (from a 1024-token one), and the same outside the layers
   (embedding, output layer), from a 1-layer and a 3-layer GPTModel on one rank; one Megatron schedule call; one
   step of the trainer's Megatron optimizer (Adam) on the 3-layer model;
-- gloo between two processes: an all-reduce's latency (one float) and bandwidth (4 MB);
+- gloo between two processes: an all-reduce's latency (one float, back to back) and bandwidth (4 MB); the profile's
+  collective latency is what an all-reduce costs inside a pass (the TP=2 layer's calls against the TP=1 layer's);
 - a SGLang CPU server (the tiny random student of megatron_topd/testing, the demo's server settings): seconds per
   decode step at batch 1 and 48 (ignore_eos, so every sequence runs the same steps), per prefilled request, and one
   call's round trip (a 1-token request);
+- the same server's side of a weight sync (rollout/weight_sync: the distributed path over gloo, from this process):
+  each light admin call a sync makes (pause, begin, end, model_info, continue) timed alone; whole syncs of the
+  model's tensors in one bucket and in several, and of its norms alone: the cost of one more bucket (the update
+  call), of a bucket's bytes (receive, unflatten, load into the model), and the rest of a sync;
+- a Megatron dist checkpoint of the 1- and 3-layer d96 models with their Adam state at TP=2 on two ranks (as the
+  demo saves): the first save of a process and later ones, per save and per layer;
 - OT: seconds per candidate of the probe's divergence step (topd/divergence.py: costs and exact EMD, K=8);
 - filesystem: writing 64 MB and fsync.
 
-    flock /tmp/topd-heavy.lock .venv/bin/python benchmarks/calibrate_cpu_profile.py [--skip-sglang]
+    flock /tmp/topd-heavy.lock .venv/bin/python benchmarks/calibrate_cpu_profile.py [--skip-sglang] [--out FILE]
 
 Prints the figures and the `DeviceProfile` fields they become (plan/devices.py) as JSON; `--from-json FILE`
 derives the fields again from a saved print's "figures".
@@ -93,14 +100,16 @@ def _zero_loss(logits, batch):
 def _layer_times(tp: int):
     """{(layers, tokens): (forward s, forward + backward s)} of a Megatron local GPTModel (d96, 4 heads, FFN 256)
     with 1 and 3 layers at 16 tokens (1 x 16: launch-bound) and 1024 (16 x 64), at tensor parallelism ``tp``; and
-    the models."""
+    the models. The eight timings alternate, 21 rounds, medians: the per-call and per-token costs are differences
+    of them, and load on this shared machine moves timings taken together alike (one after another, a per-token
+    slope came out below 0)."""
     import torch
 
     from megatron_topd import parallel
     from megatron_topd.models import ModelSpec, build_gpt_model
 
     parallel.initialize(tp, 1, seed=0)
-    t, models = {}, {}
+    passes, models = {}, {}
     for layers in (1, 3):
         spec = ModelSpec(vocab_size=128, hidden_size=96, num_layers=layers, num_attention_heads=4, num_kv_heads=4,
                          ffn_hidden_size=256)
@@ -109,14 +118,23 @@ def _layer_times(tp: int):
             tokens = torch.randint(0, 128, (rows, width), generator=torch.Generator().manual_seed(rows))
             positions = torch.arange(width)[None].expand(rows, -1)
 
-            def forward():
+            def forward(model=model, tokens=tokens, positions=positions):
                 with torch.no_grad():
                     model(input_ids=tokens, position_ids=positions, attention_mask=None)
 
-            def forward_backward():
+            def forward_backward(model=model, tokens=tokens, positions=positions):
                 model(input_ids=tokens, position_ids=positions, attention_mask=None).float().sum().backward()
 
-            t[layers, rows * width] = (_best(forward, reps=21), _best(forward_backward, reps=21))
+            passes[layers, rows * width] = (forward, forward_backward)
+    times = {key: ([], []) for key in passes}
+    for fns in passes.values():  # warm-up
+        for fn in fns:
+            fn()
+    for _ in range(21):
+        for key, fns in passes.items():
+            for kind, fn in enumerate(fns):
+                times[key][kind].append(_timed(fn))
+    t = {key: (statistics.median(f), statistics.median(fb)) for key, (f, fb) in times.items()}
     return t, models
 
 
@@ -134,10 +152,59 @@ def _per_call_and_token(t: dict, prefix: str = "") -> dict:
     return out
 
 
-def tp_layer_job() -> dict:
+def tp_layer_job(checkpoints: bool = True) -> dict:
     """Two ranks at TP=2: the d96 layer's per-rank costs (its all-reduces included): how a small layer's per-token
-    work splits over TP ranks."""
-    return _per_call_and_token(_layer_times(2)[0], prefix="tp2_")
+    work splits over TP ranks; and the dist checkpoint's save of those models with their optimizer state."""
+    t, models = _layer_times(2)
+    out = _per_call_and_token(t, prefix="tp2_")
+    if checkpoints:
+        out.update(_checkpoint_seconds(models))
+    return out
+
+
+def _checkpoint_seconds(models: dict) -> dict:
+    """`checkpointing.save_checkpoint` (what the loop calls every train.save_interval steps) of the 1- and 3-layer
+    models with their Adam state, on every rank: the first save of the process (Megatron's one-time set-up
+    included) and the median of later ones; per save (the 0-layer intercept) and per layer."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from megatron_topd.checkpointing import save_checkpoint
+    from megatron_topd.train.optim import OptimConfig, build_optimizer, wrap_ddp
+
+    saves, roots = {}, []
+    for layers, model in models.items():
+        ddp = wrap_ddp(model)
+        optimizer, scheduler = build_optimizer([ddp], OptimConfig(lr=1e-4))
+        root = REPO / "runs" / "calibrate_cpu" / f"checkpoint_{layers}"
+        if dist.get_rank() == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        roots.append(root)
+        step = iter(range(1, 100))
+        saves[layers] = lambda root=root, ddp=ddp, optimizer=optimizer, scheduler=scheduler, step=step: \
+            save_checkpoint(root, next(step), [ddp], optimizer, scheduler)
+    dist.barrier()
+    first = {layers: _timed(save) for layers, save in saves.items()}
+    times = {layers: [] for layers in saves}
+    for _ in range(5):  # alternating, as in _layer_times
+        for layers, save in saves.items():
+            times[layers].append(_timed(save))
+    later = {layers: statistics.median(v) for layers, v in times.items()}
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
+    per_layer = (later[3] - later[1]) / 2
+    return {"checkpoint_call_s": later[1] - per_layer, "checkpoint_layer_s": per_layer,
+            "checkpoint_first_save_s_1layer": first[1], "checkpoint_first_save_s_3layer": first[3],
+            "checkpoint_save_s_1layer": later[1], "checkpoint_save_s_3layer": later[3]}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def layer_pass_job() -> dict:
@@ -179,7 +246,8 @@ def gloo_job() -> dict:
     one, big = torch.ones(1), torch.ones(2**20)  # 4 B, 4 MB
     latency = _best(lambda: [dist.all_reduce(one) for _ in range(200)], reps=5) / 200
     seconds = _best(lambda: dist.all_reduce(big), reps=11)
-    return {"collective_latency_s": latency, "collective_bytes_per_s": big.numel() * 4 / max(seconds - latency, 1e-9)}
+    return {"allreduce_loop_latency_s": latency,
+            "collective_bytes_per_s": big.numel() * 4 / max(seconds - latency, 1e-9)}
 
 
 def sglang_decode(root: Path) -> dict:
@@ -199,15 +267,71 @@ def sglang_decode(root: Path) -> dict:
         def run(batch: int, new: int, prompt_len: int = 12) -> float:
             params = SamplingParams(max_new_tokens=new, ignore_eos=True)
             prompts = [[(3 + i + j) % 60 + 3 for j in range(prompt_len)] for i in range(batch)]
-            return _best(lambda: client.generate(prompts, params), reps=3)
+            return _best(lambda: client.generate(prompts, params), reps=5)
 
         run(1, 4)  # warm-up
         step = {b: (run(b, 40) - run(b, 8)) / 32 for b in (1, 48)}
         call = run(1, 1, 40)
         prefill = (run(48, 1, 40) - call) / 47
+        sync = sglang_weight_sync(server.url, assets["student_hf"])
     per_seq = (step[48] - step[1]) / 47
     return {"decode_step_overhead_s": step[1] - per_seq, "decode_seq_step_s": per_seq,
-            "decode_tokens_per_s_batch48": 48 / step[48], "prefill_request_s": prefill, "server_call_s": call}
+            "decode_tokens_per_s_batch48": 48 / step[48], "prefill_request_s": prefill, "server_call_s": call,
+            **sync}
+
+
+# The admin calls around a sync's buckets, in a sync's order (rollout/weight_sync/base.py and distributed.py).
+LIGHT_CALLS = (("/pause_generation", {"mode": "retract"}, "POST"), ("/begin_weight_update", {}, "POST"),
+               ("/end_weight_update", {}, "POST"), ("/model_info", None, "GET"), ("/continue_generation", {}, "POST"))
+
+
+def sglang_weight_sync(url: str, hf_dir: Path) -> dict:
+    """The server's side of a weight sync, apart from any training step: each light call's round trip (median of
+    11 cycles, in a sync's order); whole distributed syncs of the served model's own tensors in one bucket and in
+    several (the same tensors and bytes: one more bucket costs the difference per extra bucket, its update call),
+    and of its norms alone in one bucket (5 of its 21 tensors, 0.2% of its bytes): the difference from the whole
+    model's is the cost of a bucket's bytes (received, unflattened and loaded, with the per-tensor work of a model
+    of this shape); what a one-bucket sync leaves beyond its calls and bytes is its rest (its cache flush, the
+    client's own work). The three syncs alternate, 9 rounds, medians: load on the machine moves them together."""
+    from safetensors.torch import load_file
+
+    from megatron_topd.rollout.weight_sync import DistributedWeightSync, admin
+
+    light: dict[str, list[float]] = {path: [] for path, _, _ in LIGHT_CALLS}
+    for _ in range(11):
+        for path, payload, method in LIGHT_CALLS:
+            light[path].append(_timed(lambda: admin.call(url, path, payload, timeout_s=60, method=method)))
+    light_s = {path: statistics.median(times) for path, times in light.items()}
+
+    full = list(load_file(str(Path(hf_dir) / "model.safetensors")).items())
+    norms = [(n, t) for n, t in full if "norm" in n]
+    nbytes = {k: sum(t.numel() * t.element_size() for _, t in v) for k, v in (("full", full), ("norms", norms))}
+    split = nbytes["full"] // 4
+    runs = {"one": (full, 2**40), "several": (full, split), "norms": (norms, 2**40)}
+    versions = iter(range(10**6))
+    sync = DistributedWeightSync([url], backend="gloo", bucket_bytes=2**40, timeout_s=300)
+
+    def push(tensors, bucket_bytes: int) -> int:
+        sync.bucket_bytes = bucket_bytes
+        return sync.sync(iter(tensors), f"calibrate-{next(versions)}").num_buckets
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    try:
+        extra = push(full, split) - 1  # (and the group's set-up)
+        for _ in range(9):
+            for k, (tensors, bucket_bytes) in runs.items():
+                times[k].append(_timed(lambda: push(tensors, bucket_bytes)))
+    finally:
+        sync.close()
+    t = {k: statistics.median(v) for k, v in times.items()}
+    light_mean = statistics.fmean(light_s.values())
+    bucket = (t["several"] - t["one"]) / extra
+    per_byte = (t["one"] - t["norms"]) / (nbytes["full"] - nbytes["norms"])
+    return {**{f"light_call_s{path.replace('/', '_')}": v for path, v in light_s.items()},
+            "server_light_call_s": light_mean, "weight_update_call_s": bucket,
+            "weight_update_seconds_per_byte": per_byte, **{f"sync_s_{k}": v for k, v in t.items()},
+            "sync_bytes": nbytes["full"], "sync_tensors": len(full), "sync_extra_buckets": extra,
+            "weight_sync_rest_s": t["one"] - len(LIGHT_CALLS) * light_mean - bucket - nbytes["full"] * per_byte}
 
 
 LAYER_FLOPS_PER_TOKEN = 2 * (96 * 3 * 96 + 96 * 96 + 96 * 2 * 256 + 256 * 96) + 2 * 4 * 24 * 64  # the d96 layer, S=64
@@ -220,21 +344,48 @@ def profile_fields(fig: dict) -> dict:
         "flops": LAYER_FLOPS_PER_TOKEN / fig["layer_forward_token_s"],
         "backward_ratio": fig["layer_train_token_s"] / fig["layer_forward_token_s"] - 1,
         "memory_bytes_per_s": fig["memory_bytes_per_s"],
-        **{k: fig[k] for k in ("decode_step_overhead_s", "decode_seq_step_s", "prefill_request_s", "server_call_s",
-                               "layer_forward_s", "layer_train_s", "model_forward_token_s", "schedule_call_s",
-                               "optimizer_step_s", "collective_latency_s", "collective_bytes_per_s",
-                               "filesystem_bytes_per_s", "ot_seconds_per_window") if k in fig},
-        "model_forward_s": max(0.0, fig["model_forward_s"]), "model_train_s": max(0.0, fig["model_train_s"]),
+        **{k: fig[k] for k in ("decode_step_overhead_s", "decode_seq_step_s", "prefill_request_s",
+                               "server_light_call_s", "weight_update_call_s", "layer_forward_s", "layer_train_s",
+                               "model_forward_token_s", "optimizer_step_s",
+                               "collective_bytes_per_s", "filesystem_bytes_per_s", "ot_seconds_per_window",
+                               "checkpoint_call_s", "checkpoint_layer_s") if k in fig},
+        # differences of medians: noise can take a small one below 0, which no cost is
+        **{k: max(0.0, fig[k]) for k in ("model_forward_s", "model_train_s", "schedule_call_s", "weight_sync_rest_s")
+           if k in fig},
         "inter_node_bytes_per_s": fig["collective_bytes_per_s"],
-        **({"tp_speedup": fig["layer_forward_token_s"] / _tp2_compute_token_s(fig)}
+        "collective_latency_s": _collective_in_pass_s(fig),
+        **({"weight_load_bytes_per_s": _weight_load_rate(fig)} if "weight_update_seconds_per_byte" in fig else {}),
+        **({"tp_speedup": fig["layer_forward_token_s"] / _tp2_compute_token_s(fig, "forward"),
+            "tp_backward_speedup": (fig["layer_train_token_s"] - fig["layer_forward_token_s"])
+            / (_tp2_compute_token_s(fig, "train") - _tp2_compute_token_s(fig, "forward"))}
            if "tp2_layer_forward_token_s" in fig else {}),
     }
 
 
-def _tp2_compute_token_s(fig: dict) -> float:
-    """A TP=2 rank's per-token forward cost of the d96 layer less its two all-reduces' bytes (which the model counts
-    apart): what the rank computes."""
-    return fig["tp2_layer_forward_token_s"] - 2 * 96 * 4 / fig["collective_bytes_per_s"]
+def _collective_in_pass_s(fig: dict) -> float:
+    """What one all-reduce costs inside a model pass: a TP=2 layer's call cost over a TP=1 layer's, per all-reduce
+    it makes (2 forward, 4 forward + backward; the mean of the two). Inside a pass each rank reaches a collective
+    when its own work is done and waits for the other, which a loop of back-to-back all-reduces
+    (allreduce_loop_latency_s) never does: on these 2 vCPUs it is several times the loop's figure."""
+    if "tp2_layer_forward_s" not in fig:
+        return fig.get("allreduce_loop_latency_s", fig.get("collective_latency_s"))
+    forward = (fig["tp2_layer_forward_s"] - fig["layer_forward_s"]) / 2
+    train = (fig["tp2_layer_train_s"] - fig["layer_train_s"]) / 4
+    return (forward + train) / 2
+
+
+def _tp2_compute_token_s(fig: dict, kind: str) -> float:
+    """A TP=2 rank's per-token cost of the d96 layer (``kind``: forward, or train = forward + backward) less its
+    all-reduces' bytes (which the model counts apart: two per direction): what the rank computes."""
+    all_reduces = 2 if kind == "forward" else 4
+    return fig[f"tp2_layer_{kind}_token_s"] - all_reduces * 96 * 4 / fig["collective_bytes_per_s"]
+
+
+def _weight_load_rate(fig: dict) -> float:
+    """The server's bytes per second of a bucket (receive, unflatten, load into the model) less the broadcast's
+    bytes over gloo (which the model counts apart, at inter_node_bytes_per_s); inf where the broadcast is all of it."""
+    load = fig["weight_update_seconds_per_byte"] - 1 / fig["collective_bytes_per_s"]
+    return 1 / load if load > 0 else float("inf")
 
 
 def main() -> None:
@@ -243,6 +394,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(REPO / "runs" / "calibrate_cpu"))
     ap.add_argument("--from-json", help="derive the profile fields from figures this script printed before")
     ap.add_argument("--only-tp", action="store_true", help="only the TP=2 layer figures")
+    ap.add_argument("--out", help="also write the JSON here (bench_step_time_model.py --profile-json reads it)")
     args = ap.parse_args()
     if args.from_json:
         doc = json.loads(Path(args.from_json).read_text())
@@ -270,7 +422,10 @@ def main() -> None:
     if not args.skip_sglang:
         fig.update(sglang_decode(root))
     fig["cpu"] = _cpu_name()
-    print(json.dumps({"figures": fig, "profile": profile_fields(fig)}, indent=2))
+    text = json.dumps({"figures": fig, "profile": profile_fields(fig)}, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 def _cpu_name() -> str:

@@ -18,14 +18,15 @@ on a `DeviceProfile` (H100 by default), with the step's token counts:
 - training pass: the co-located teacher's forward again, the student's forward and backward over the rollouts and
   the guidance rows (``rows``: prefix + window each, as under Transformer Engine; ``shared_prefix``: K tokens per
   window inside its rollout row, Megatron's local layers);
-- weight sync: each pipeline stage's first TP rank pushes its own layers (gathered over TP, one all-gather per
-  tensor, the stages at once), and the stages' buckets reach the servers in turn, one update call each
-  (rollout/weight_sync/distributed.py, docs/rollout.md);
-- checkpoint: the dist checkpoint (weights, fp32 main params, Adam moments) written at a filesystem bandwidth,
-  amortised over ``save_interval`` steps.
+- weight sync: global rank 0's admin calls around the push (pause, begin, end, model_info, continue) and the
+  trainer's object collectives; each pipeline stage's first TP rank pushes its own layers (gathered over TP, one
+  all-gather per tensor, the stages at once), and the stages' buckets reach the servers in turn, one update call
+  each, its broadcast and the server's load of its bytes (rollout/weight_sync/distributed.py, docs/rollout.md);
+- checkpoint: the dist checkpoint (weights, fp32 main params, Adam moments): a save's fixed and per-layer costs and
+  its bytes at a filesystem bandwidth, amortised over ``save_interval`` steps.
 
-A trainer pass is its FLOPs at the device's rate (GPU: x `speed.trainer_mfu`, which holds every other cost) plus the
-device's per-call costs: per microbatch each layer's forward (or forward + backward), the model outside its layers,
+A trainer pass is its FLOPs at the device's rate (GPU: x `speed.trainer_mfu`, which holds every other cost; the
+forward's and the backward's shares each split over TP at the device's speed-up) plus the device's per-call costs: per microbatch each layer's forward (or forward + backward), the model outside its layers,
 the tensor-parallel all-reduces (two of [tokens, h] per layer and direction, the embedding's, the loss's two small
 ones per call), and one Megatron schedule call per group of microbatches; pipeline bubbles scale it all; the
 training pass adds one optimizer step's calls.
@@ -37,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_topd.convert.mapping import tensor_maps
 from megatron_topd.models.spec import ModelSpec
 from megatron_topd.plan.devices import H100, DeviceProfile
 from megatron_topd.plan.layout import Layout
@@ -123,10 +125,12 @@ def _pass_seconds(spec: ModelSpec, tokens: float, microbatches: int, layout: Lay
     microbatches, with ``loss_calls`` vocabulary-parallel loss calls per microbatch; before the pipeline bubble."""
     mfu = trainer_mfu(layout) if device.mfu_from_layout else 1.0
     rate = device.flops * (device.fp8_speedup if fp8 else 1.0) * mfu
-    passes = (1 + device.backward_ratio + (1 if recompute else 0)) if train else 1  # (+ the recomputed forward)
-    ranks = layout.dp * layout.pp * layout.cp * device.tp_speedup ** math.log2(layout.tp)
-    compute = tokens * forward_flops_per_token(spec, seq) * passes / (ranks * rate) + \
-        tokens / layout.dp * device.model_forward_token_s * passes  # each TP rank sees all of its replica's tokens
+    forwards = (2 if recompute else 1) if train else 1  # (+ the recomputed forward)
+    backward = device.backward_ratio if train else 0.0
+    doublings = math.log2(layout.tp)  # the forward's and the backward's shares split over TP at their own speed-ups
+    split = forwards / device.tp_speedup ** doublings + backward / device.tp_backward_speedup ** doublings
+    compute = tokens * forward_flops_per_token(spec, seq) * split / (layout.dp * layout.pp * layout.cp * rate) + \
+        tokens / layout.dp * device.model_forward_token_s * (forwards + backward)  # each TP rank sees all its tokens
     layers = spec.num_layers / layout.pp
     calls = (device.model_train_s if train else device.model_forward_s) + layers * (
         device.layer_train_s if train else device.layer_forward_s)
@@ -198,14 +202,37 @@ def step_time(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, ste
     if colocated:
         training += _pass_seconds(teacher, train_tokens, train_mbs, train=False, recompute=False, loss_calls=0, **kw)
     out.phases["training"] = training * bubble + device.optimizer_step_s
-    weight_bytes = step.dtype_bytes * total_params(student)
-    # Per stage (at once): one TP all-gather per HF tensor of its layers (9 per layer, and embedding, final norm,
-    # output layer at the ends); then every stage's buckets in turn, each one update call and its broadcast.
-    gathers = (9 * student.num_layers / layout.pp + 3) * device.collective_latency_s if layout.tp > 1 else 0.0
-    buckets = layout.pp * math.ceil(weight_bytes / layout.pp / (step.sync_bucket_mb * 2**20))
-    out.phases["weight_sync"] = (buckets * device.server_call_s + gathers
-                                 + weight_bytes / device.inter_node_bytes_per_s)
+    out.phases["weight_sync"] = _sync_seconds(student, layout, step, device)
     # weights, Adam m and v, and an fp32 main copy when the weights are not fp32
     checkpoint_bytes = total_params(student) * (step.dtype_bytes + 8 + (4 if step.dtype_bytes < 4 else 0))
-    out.phases["checkpoint"] = checkpoint_bytes / device.filesystem_bytes_per_s / step.save_interval
+    save = device.checkpoint_call_s + student.num_layers / layout.pp * device.checkpoint_layer_s + \
+        checkpoint_bytes / device.filesystem_bytes_per_s
+    out.phases["checkpoint"] = save / step.save_interval
     return out
+
+
+# A sync's admin calls, each a round trip from global rank 0 to every server at once (rollout/weight_sync/base.py,
+# distributed.py `sync_model`): pause, begin_weight_update, end_weight_update, model_info, continue. The cache flush
+# rides on a bucket's update call (flush_cache), not a call of its own.
+SYNC_LIGHT_CALLS = 5
+# The trainer's object collectives in `sync_model` and the loop's `sync_weights`: rank 0's go-ahead after begin, the
+# stages' reports, the stats to every rank; each a size and a payload collective (torch's *_object_list).
+SYNC_OBJECT_COLLECTIVES = 3
+
+
+def _sync_seconds(student: ModelSpec, layout: Layout, step: TopdStep, device: DeviceProfile) -> float:
+    """The per-stage push: rank 0's light calls, the trainer's object collectives and the rest of a sync; per stage
+    (at once) one TP gather per split Megatron tensor of its layers (convert/mapping.py: QKV, projection, FC1, FC2;
+    the embedding and output layer at the ends); then every stage's buckets in turn, each one update call, its
+    broadcast and the server's load of its bytes."""
+    maps = tensor_maps(student)
+    weight_bytes = step.dtype_bytes * total_params(student)
+    split = sum(m.tp != "replicated" for m in maps)
+    per_layer = sum(m.tp != "replicated" for m in maps if m.megatron.startswith("decoder.layers.0."))
+    ends = split - per_layer * student.num_layers
+    gathers = per_layer * student.num_layers / layout.pp + math.ceil(ends / layout.pp) if layout.tp > 1 else 0
+    objects = 2 * SYNC_OBJECT_COLLECTIVES if layout.gpus > 1 else 0
+    buckets = layout.pp * math.ceil(weight_bytes / layout.pp / (step.sync_bucket_mb * 2**20))
+    return (SYNC_LIGHT_CALLS * device.server_light_call_s + device.weight_sync_rest_s
+            + (objects + gathers) * device.collective_latency_s + buckets * device.weight_update_call_s
+            + weight_bytes / device.inter_node_bytes_per_s + weight_bytes / device.weight_load_bytes_per_s)

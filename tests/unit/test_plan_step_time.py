@@ -13,6 +13,13 @@ from megatron_topd.plan.step_time import TopdStep, step_time
 SPEC = load_spec("Llama-3.1-8B")
 LAYOUT = Layout(tp=8, dp=2, max_tokens_per_microbatch=16384, teacher_group_microbatches=8)
 
+TINY = replace(SPEC, num_layers=2, hidden_size=96, ffn_hidden_size=256, num_attention_heads=4, num_kv_heads=4,
+               vocab_size=128, head_dim=24)
+CPU_LIKE = replace(CPU_2CORE, server_light_call_s=2e-3, weight_update_call_s=5e-3, weight_sync_rest_s=3e-3,
+                   collective_latency_s=1e-3, inter_node_bytes_per_s=1e9,
+                   weight_load_bytes_per_s=2e9, checkpoint_call_s=1.0, checkpoint_layer_s=0.1,
+                   filesystem_bytes_per_s=1e9)
+
 
 def _est(step=TopdStep(), device=H100, layout=LAYOUT, teacher=SPEC):
     return step_time(SPEC, teacher, layout, step, seq=16384, microbatches_per_step=16, device=device)
@@ -44,13 +51,11 @@ def test_gpu_training_pass_is_flops_at_the_layouts_utilisation():
 
 
 def test_cpu_costs_are_per_call():
-    tiny = replace(SPEC, num_layers=2, hidden_size=96, ffn_hidden_size=256, num_attention_heads=4, num_kv_heads=4,
-                   vocab_size=128, head_dim=24)
     step = TopdStep(rows=64, prompt_tokens=11, response_tokens=40, longest_response=48, window=8, student_servers=1,
                     decode_batch=64, server_kv_tokens=4096, guidance_layout="shared_prefix", dtype_bytes=4)
     layout = Layout(tp=2, max_tokens_per_microbatch=1024, teacher_group_microbatches=2)
-    est = step_time(tiny, tiny, layout, step, seq=128, microbatches_per_step=4, gpus_per_node=1, device=CPU_2CORE)
-    deeper = step_time(replace(tiny, num_layers=4), tiny, layout, step, seq=128, microbatches_per_step=4,
+    est = step_time(TINY, TINY, layout, step, seq=128, microbatches_per_step=4, gpus_per_node=1, device=CPU_2CORE)
+    deeper = step_time(replace(TINY, num_layers=4), TINY, layout, step, seq=128, microbatches_per_step=4,
                        gpus_per_node=1, device=CPU_2CORE)
     per_layer = CPU_2CORE.layer_forward_s + 2 * CPU_2CORE.collective_latency_s
     # two more student layers: their forward calls in each of the scoring pass's 4 microbatches, at least
@@ -58,3 +63,36 @@ def test_cpu_costs_are_per_call():
     # decode: the step overhead per decode step (48 steps, one wave) plus each generated token's share
     decode = 48 * CPU_2CORE.decode_step_overhead_s + 64 * 40 * CPU_2CORE.decode_seq_step_s
     assert est.phases["generation"] == pytest.approx(decode + 64 * CPU_2CORE.prefill_request_s, rel=0.05)
+
+
+def test_weight_sync_counts_its_light_calls_buckets_tensors_and_bytes():
+    """5 admin round trips, 3 object collectives (2 collectives each) and a sync's rest; per stage its TP gathers
+    (QKV, projection, FC1, FC2 per layer; the embedding and output layer at the ends); then every stage's buckets,
+    each an update call, its broadcast and the server's load of its bytes."""
+    step = TopdStep(rows=64, student_servers=1, sync_bucket_mb=0.1, dtype_bytes=4)
+    weight_bytes = 4 * total_params(TINY)
+    for pp, gathers in ((1, 4 * 2 + 2), (2, 4 + 1)):
+        layout = Layout(tp=2, pp=pp, max_tokens_per_microbatch=1024, teacher_group_microbatches=2)
+        est = step_time(TINY, None, layout, step, seq=128, microbatches_per_step=4, gpus_per_node=1, device=CPU_LIKE)
+        buckets = pp * -(-weight_bytes // pp // int(0.1 * 2**20))
+        expected = (5 * 2e-3 + 3e-3 + (6 + gathers) * 1e-3 + buckets * 5e-3
+                    + weight_bytes / 1e9 + weight_bytes / 2e9)
+        assert est.phases["weight_sync"] == pytest.approx(expected)
+
+
+def test_checkpoint_is_a_saves_costs_amortised():
+    step = TopdStep(rows=64, student_servers=1, save_interval=20, dtype_bytes=4)
+    layout = Layout(tp=2, max_tokens_per_microbatch=1024, teacher_group_microbatches=2)
+    est = step_time(TINY, None, layout, step, seq=128, microbatches_per_step=4, gpus_per_node=1, device=CPU_LIKE)
+    save = 1.0 + 2 * 0.1 + total_params(TINY) * (4 + 8) / 1e9  # fp32 weights: no main copy; Adam m and v
+    assert est.phases["checkpoint"] == pytest.approx(save / 20)
+
+
+def test_backward_splits_over_tp_at_its_own_speed_up():
+    """Only the backward's share moves with tp_backward_speedup (the teacher's forward and the student's forward
+    do not)."""
+    step = replace(TopdStep(), variant="opd")
+    even, none = (_est(step, device=replace(H100, tp_backward_speedup=s)).phases["training"] for s in (2.0, 1.0))
+    backward = step.rows * step.row_tokens * forward_flops_per_token(SPEC, 16384) * H100.backward_ratio
+    per_rank_rate = LAYOUT.dp * H100.flops * trainer_mfu(LAYOUT)
+    assert none - even == pytest.approx(backward * (1 - 1 / 8) / per_rank_rate)  # TP8: 3 doublings
