@@ -127,11 +127,27 @@ echo "[job] attempt $attempt: trainer=$TRAINER_NODES student=${STUDENT_NODES:-ra
 [[ $DRYRUN == 1 ]] || { rm -rf "$ENDPOINTS"; mkdir -p "$ENDPOINTS" "$LOGS"; }
 (( stop_requested )) && request_stop     # the signal came during the plan
 # The allocation's end, read here on the host (tasks have no Slurm client): the trainer stops with a checkpoint when
-# less time is left than a step and a save take (megatron_topd/launch/deadline.py). None without a time limit.
-job_end=$(squeue -h -j "${SLURM_JOB_ID:-0}" -o %e 2>/dev/null || true)
-if [[ $DRYRUN != 1 && $job_end =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]]; then
-  printf '{"end": %d, "attempt": "%s"}\n' "$(date -d "$job_end" +%s)" "$attempt" > "$ENDPOINTS/.job_end.tmp"
+# less time is left than a step and a save take (megatron_topd/launch/deadline.py). None without a time limit. Read
+# again every TOPD_JOB_END_POLL_S seconds while the job runs: `scontrol update TimeLimit=...` and preemption with
+# GraceTime (end = now + GraceTime) move it.
+write_job_end() {
+  local end
+  end=$(squeue -h -j "${SLURM_JOB_ID:-0}" -o %e 2>/dev/null || true)
+  [[ $end =~ ^[0-9]{4}-[0-9]{2}-[0-9]{2}T ]] || return 0
+  end=$(date -d "$end" +%s)
+  [[ $end == "${job_end:-}" ]] && return 0
+  job_end=$end
+  printf '{"end": %d, "attempt": "%s"}\n' "$end" "$attempt" > "$ENDPOINTS/.job_end.tmp"
   mv "$ENDPOINTS/.job_end.tmp" "$ENDPOINTS/job_end"
+}
+refresher=()
+if [[ $DRYRUN != 1 ]]; then
+  write_job_end
+  (
+    nap=""; trap '' USR1; trap 'kill "$nap" 2>/dev/null; exit 0' TERM    # killed below, with its sleep
+    while :; do sleep "${TOPD_JOB_END_POLL_S:-10}" & nap=$!; wait "$nap"; write_job_end; done
+  ) &
+  refresher=($!)
 fi
 GPU_ARGS=()
 if (( GPUS_PER_NODE > 0 )); then GPU_ARGS=(--gpus-per-node="$GPUS_PER_NODE"); fi
@@ -164,6 +180,7 @@ done
 set -e
 echo "[job] trainer exited with $rc"
 [[ $DRYRUN == 1 ]] && exit 0
+kill "${refresher[@]}" 2>/dev/null || true
 
 # 4. Servers stop on the trainer's exit file. Rank 0 writes it (75 = stopped on request, checkpoint saved; the
 #    processes then exit 0); written here when the step failed or the trainer died without writing it.

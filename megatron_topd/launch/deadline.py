@@ -57,19 +57,19 @@ class Deadline:
         saved, self.saved_at = saved_at != self.saved_at, saved_at
         if self.last is None:  # the first step: its interval holds the set-up too, a cautious estimate for now
             self.last = now
-            first = now - self.started
-            return end is not None and too_close(end - now, first, first)
-        interval, self.last = now - self.last, now
-        if not saved:
-            self.step_s = max(self.step_s, interval)
+            step_s = save_s = now - self.started
         else:
-            step = self.step_s or interval / 2  # no step without a save seen yet: split it evenly
-            self.step_s, self.save_s = step, max(self.save_s or 0.0, interval - step)
+            interval, self.last = now - self.last, now
+            if not saved:
+                self.step_s = max(self.step_s, interval)
+            else:
+                step = self.step_s or interval / 2  # no step without a save seen yet: split it evenly
+                self.step_s, self.save_s = step, max(self.save_s or 0.0, interval - step)
+            step_s, save_s = self.step_s, self.save_s if self.save_s is not None else self.step_s
         if end is None:
             return False
-        save_s = self.save_s if self.save_s is not None else self.step_s
-        stop = too_close(end - now, self.step_s, save_s)
+        stop = too_close(end - now, step_s, save_s)
         if stop:
             print(f"[trainer {endpoints.node_name()}] {end - now:.0f} s left before the time limit < a step "
-                  f"({self.step_s:.0f} s) + a save ({save_s:.0f} s): stopping with a checkpoint", flush=True)
+                  f"({step_s:.0f} s) + a save ({save_s:.0f} s): stopping with a checkpoint", flush=True)
         return stop

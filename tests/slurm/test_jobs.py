@@ -3,14 +3,18 @@
 a stock container image (slurm/bare_task.sh: no Slurm client, no slurm.conf, no munge socket).
 
 1. NeMo-Run submits the experiment through LocalTunnel (heterogeneous job, one group per role, shipped code): it runs
-   2 TOPD steps and reports SUCCEEDED; this run is also the uninterrupted reference for 2.
-2. `sbatch slurm/topd_cpu.sh` on launch.network_interface=topd0, stopped by SIGUSR1 to the batch script (what
-   --signal=B:USR1@<s> sends) while the servers start: the request is kept (<endpoints>/stop), so the trainer stops
-   after step 1, checkpoints, exits 75; the job requeues itself, resumes from the checkpoint, runs the rest and ends
-   with the steps, checkpoints, rollout files and metrics lines of the uninterrupted run. Weight sync: distributed,
-   over gloo from trainer rank 0 on topdn1 to the student server on topdn3; ranks 2-3 on topdn2 cannot bind topdn1's
-   address (before the fix, Errno 99 there). Each task asserts on entry that `scontrol` cannot run. Every attempt
-   runs the copy of the code taken when the job first started.
+   3 TOPD steps and reports SUCCEEDED; this run is also the uninterrupted reference for 2.
+2. `sbatch slurm/topd_cpu.sh` on launch.network_interface=topd0 goes through faults in a row. Attempt 1: SIGUSR1 to
+   the batch script (what --signal=B:USR1@<s> sends) while it plans, kept as <endpoints>/stop, and SIGTERM to every
+   task of the job (`scancel --signal=TERM`, what preemption with GraceTime sends) once the servers are up: the
+   servers hold it, the trainer finishes step 1, checkpoints, exits 75, the job requeues itself. Attempt 2: its time
+   limit is cut to end before the run would (`scontrol update TimeLimit=`); the batch script hands the new end time
+   over and the trainer stops after step 2 with a checkpoint before it, the job requeues itself again. Attempt 3 (its
+   limit given back while it waits) runs step 3. The job ends with the steps, checkpoints, rollout files and metrics
+   lines of the uninterrupted run, none lost or doubled. Weight sync: distributed, over gloo from trainer rank 0 on
+   topdn1 to the student server on topdn3; ranks 2-3 on topdn2 cannot bind topdn1's address (before the fix, Errno
+   99 there). Each task asserts on entry that `scontrol` cannot run. Every attempt runs the copy of the code taken
+   when the job first started.
 3. A student server whose SGLang never becomes healthy fails the job within 2 minutes, the error naming role, node
    and the last lines of its log; nothing of the job is left on any node.
 4. A trainer that fails (a config error) makes the NeMo-Run experiment report FAILED (not the servers' result), with
@@ -21,6 +25,7 @@ a stock container image (slurm/bare_task.sh: no Slurm client, no slurm.conf, no 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,6 +39,7 @@ from tests.slurm.conftest import (NEMORUN_PYTHON, NODES, REPO, TRAINER_PYTHON, a
                                   node_processes, sacct_steps, tail, wait_until)
 
 CONFIG = "examples/topd_cpu_slurm.yaml"
+STEPS = "train.steps=3"  # the reference and the interrupted job: one step per attempt of the latter
 SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
 VOLATILE = ("_s", "sync_mb", "peak_mem_gb")  # timings and process sizes differ between runs
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
@@ -80,7 +86,7 @@ def reference(cluster, assets, tmp_path_factory):
     """The NeMo-Run experiment's uninterrupted 2-step run: (output dir, NeMo-Run status, NeMo-Run job dir)."""
     root = tmp_path_factory.mktemp("nemo_ok")
     out, job_dir = root / "run", root / "experiments"
-    proc = nemo_run(assets, out, job_dir, name="topd")
+    proc = nemo_run(assets, out, job_dir, STEPS, name="topd")
     return out, status_of(proc), job_dir, proc
 
 
@@ -88,8 +94,8 @@ def test_nemo_run_experiment_runs_the_roles_and_succeeds(reference):
     out, status, job_dir, proc = reference
     assert status and all(v.endswith("SUCCEEDED") for v in status.values()), (status, tail(out / "logs/trainer.log"))
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert (out / "checkpoints" / "latest_step.txt").read_text() == "2"
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (out / "checkpoints" / "latest_step.txt").read_text() == "3"
     # The roles ran from the code NeMo-Run shipped (PatternPackager), not from this checkout.
     sbatch = next(job_dir.rglob("*_sbatch.sh")).read_text()
     assert sbatch.count("#SBATCH hetjob") == 2 and "--het-group=2" in sbatch and "--requeue" in sbatch
@@ -118,9 +124,9 @@ def slurm_debug(job_id: str, batch_log: Path, out: Path) -> str:
             f"\n--- slurmctld\n" + "\n".join(ctld[-40:]) + f"\n{slurmd}")
 
 
-def submit(tmp_path: Path, overrides: list[str]) -> tuple[str, Path]:
+def submit(tmp_path: Path, overrides: list[str], env: dict | None = None) -> tuple[str, Path]:
     job = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "slurm/topd_cpu.sh", *overrides],
-                         cwd=REPO, capture_output=True, text=True, check=True)
+                         cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
     job_id = job.stdout.strip().split(";")[0]
     return job_id, tmp_path / f"job-{job_id}.out"
 
@@ -132,71 +138,129 @@ def nothing_left_on_any_node(timeout_s: float = 60) -> None:
                on_timeout=lambda: json.dumps(left(), indent=1))
 
 
+def attempt_published(out: Path, job_id: str, restart: int) -> bool:
+    """This attempt's student server is up (its endpoint file written): the trainer loads, waits or trains."""
+    for path in (out / "endpoints" / "student").glob("*.json"):
+        try:
+            if json.loads(path.read_text())["attempt"] == f"{job_id}.{restart}":
+                return True
+        except (OSError, json.JSONDecodeError):
+            continue
+    return False
+
+
+def epoch(slurm_time: str) -> float:
+    return time.mktime(time.strptime(slurm_time, "%Y-%m-%dT%H:%M:%S"))
+
+
 @pytest.fixture(scope="module")
-def preempted(cluster, assets, reference, tmp_path_factory):
-    """The sbatch job, stopped by SIGUSR1 while its servers start, requeued, resumed: (job id, batch log, output)."""
-    tmp_path = tmp_path_factory.mktemp("sbatch_requeue")
+def interrupted(cluster, assets, reference, tmp_path_factory):
+    """The sbatch job through SIGUSR1 + SIGTERM (attempt 1), a time limit cut mid-run (attempt 2) and a final attempt:
+    (job id, batch log, output dir, sacct steps, what the test saw)."""
+    tmp_path = tmp_path_factory.mktemp("sbatch_faults")
     out = tmp_path / "run"
-    job_id, batch_log = submit(tmp_path, [*common_overrides(assets, out), "launch.network_interface=topd0"])
+    job_id, batch_log = submit(tmp_path, [*common_overrides(assets, out), "launch.network_interface=topd0", STEPS],
+                               env={"TOPD_JOB_END_POLL_S": "5"})
     debug = lambda: slurm_debug(job_id, batch_log, out)  # noqa: E731
+    restarts = lambda: int(job_field(job_id, "Restarts") or 0)  # noqa: E731  (monotonic: no state to catch)
+    seen = {}
     try:
-        # Ask the job to stop as --signal=B:USR1@<s> would, while its servers start and before the trainer trains:
-        # the request must not be lost (the batch script keeps it in <endpoints>/stop) and stops the run after step 1.
+        # Attempt 1. A stop request while the batch script plans (before any task runs) must not be lost.
         planned = lambda: batch_log.exists() and "[job] attempt" in batch_log.read_text()  # noqa: E731
         wait_until(planned, 300, "the batch script's plan", on_timeout=debug)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-        # Slurm's restart count is monotonic: no need to catch the short PENDING state between the attempts.
-        restarted = lambda: int(job_field(job_id, "Restarts") or 0) >= 1  # noqa: E731
-        wait_until(lambda: restarted() or job_field(job_id, "JobState") in ENDED, 600, "the job to requeue itself",
-                   on_timeout=debug)
-        assert restarted(), f"the job ended without requeueing itself\n{debug()}"
-        stopped_after = [r["step"] for r in metrics(out)]
-        preemption_ckpt = (out / "checkpoints" / "step_00000001" / "PREEMPTION_CHECKPOINT").exists()
+        # SIGTERM to every task (not the batch script) once the servers serve: they must keep serving step 1.
+        wait_until(lambda: attempt_published(out, job_id, 0), 300, "attempt 1's servers", on_timeout=debug)
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+        wait_until(lambda: restarts() >= 1 or job_field(job_id, "JobState") in ENDED, 600,
+                   "the job to requeue itself after SIGTERM", on_timeout=debug)
+        assert restarts() == 1, f"the job ended without requeueing itself\n{debug()}"
+        seen["after_1"] = [r["step"] for r in metrics(out)]
+        seen["temporary_1"] = (out / "checkpoints" / "step_00000001" / "PREEMPTION_CHECKPOINT").exists()
+        # Attempt 2: once its servers are up, cut its time limit to the first whole minute from its start that
+        # leaves >= 35 s (Slurm counts limits in minutes), less than the rest of the run needs: the limit falls
+        # mid-run. The batch script must hand the new end over (job_end, read again every 5 s here).
+        seen["requeued_1"] = time.time()
+        wait_until(lambda: attempt_published(out, job_id, 1), 300, "attempt 2's servers", on_timeout=debug)
+        start = epoch(job_field(job_id, "StartTime"))
+        seen["started_2"] = start
+        seen["cut_at_2"] = time.time() - start
+        minutes = math.ceil((seen["cut_at_2"] + 35) / 60)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
+        seen["end_2"] = epoch(job_field(job_id, "EndTime"))
+        handed_over = lambda: (out / "endpoints" / "job_end").exists() and json.loads(  # noqa: E731
+            (out / "endpoints" / "job_end").read_text()) == {"end": seen["end_2"], "attempt": f"{job_id}.1"}
+        wait_until(handed_over, 30, "the batch script to hand over the new end time", on_timeout=debug)
+        wait_until(lambda: restarts() >= 2 or job_field(job_id, "JobState") in ENDED, 300,
+                   "the job to requeue itself before its time limit", on_timeout=debug)
+        seen["requeued_2"] = time.time()
+        assert restarts() == 2, f"the job did not requeue itself before its time limit\n{debug()}"
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True)  # for attempt 3
+        seen["after_2"] = [r["step"] for r in metrics(out)]
         # Slurm holds a requeued job for AuthInfo's cred_expire (10 s on the test cluster) before it starts again.
         wait_until(lambda: job_field(job_id, "JobState") in ENDED, 900, "the requeued job to finish", on_timeout=debug)
         assert job_field(job_id, "JobState") == "COMPLETED", debug()
+        seen["started_3"], seen["ended"] = epoch(job_field(job_id, "StartTime")), time.time()
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
-    assert stopped_after == [1], "the trainer stopped after the first step it ran"
-    assert preemption_ckpt
-    # Slurm's accounting records the steps of both attempts shortly after the end: wait for them, not for a clock.
-    steps = wait_until(lambda: (lambda s: s if sum(r["name"] == "trainer" for r in s) == 2 else None)(
-        sacct_steps(job_id)), 60, "sacct to list both attempts' trainer steps",
+    # Slurm's accounting records the steps of every attempt shortly after the end: wait for them, not for a clock.
+    steps = wait_until(lambda: (lambda s: s if sum(r["name"] == "trainer" for r in s) == 3 else None)(
+        sacct_steps(job_id)), 60, "sacct to list the three attempts' trainer steps",
         on_timeout=lambda: json.dumps(sacct_steps(job_id), indent=1))
-    return job_id, batch_log, out, steps
+    return job_id, batch_log, out, steps, seen
 
 
-def test_tasks_cannot_run_scontrol_and_the_job_still_runs(preempted):
+def test_tasks_cannot_run_scontrol_and_the_job_still_runs(interrupted):
     """Each role's task, in both attempts, found no Slurm client (asserted inside the task, by slurm/bare_task.sh,
     which fails the task if `scontrol` runs) and the job completed: nothing in a role needs Slurm's client."""
-    job_id, batch_log, out, _ = preempted
+    job_id, batch_log, out, _, _ = interrupted
     logs = out / "logs"
     refused = "no Slurm client here: scontrol:"
     trainer = [line for line in (logs / "trainer.log").read_text().splitlines() if refused in line]
-    assert len(trainer) == 2 * 4, trainer  # 4 ranks x 2 attempts
+    assert len(trainer) == 3 * 4, trainer  # 4 ranks x 3 attempts
     assert {line.split("[bare task ")[1].split("]")[0] for line in trainer} == \
         {"topdn1 rank 0", "topdn1 rank 1", "topdn2 rank 2", "topdn2 rank 3"}
     for role, node in (("student", "topdn3"), ("teacher", "topdn4")):
         lines = [line for line in (logs / f"{role}.log").read_text().splitlines() if refused in line]
-        assert len(lines) == 2 and all(f"[bare task {node} " in line for line in lines), lines
-    assert sum(refused in line for line in batch_log.read_text().splitlines()) == 2  # the plan step, per attempt
+        assert len(lines) == 3 and all(f"[bare task {node} " in line for line in lines), lines
+    assert sum(refused in line for line in batch_log.read_text().splitlines()) == 3  # the plan step, per attempt
     assert "Permission denied" in trainer[0]
 
 
-def test_sbatch_job_on_namespaced_nodes_is_preempted_requeued_and_resumes(preempted, reference):
-    job_id, batch_log, out, steps = preempted
+def test_sbatch_job_through_sigterm_and_a_time_limit_requeues_twice_and_equals_the_uninterrupted_run(
+        interrupted, reference):
+    job_id, batch_log, out, steps, seen = interrupted
     ref_out = reference[0]
+    print(f"[interrupted job] {seen}")  # the timings the test acted on (pytest -s)
     by_name: dict[str, set] = {}
     for s in steps:
         by_name.setdefault(s["name"], set()).add(s["nodes"])
     assert by_name["trainer"] == {"topdn[1-2]"} and by_name["student"] == {"topdn3"} and \
         by_name["teacher"] == {"topdn4"}, steps
+    assert {s["state"] for s in steps if s["name"] == "trainer"} == {"COMPLETED"}, steps  # no attempt's killed
     log = batch_log.read_text()
-    assert all(f"attempt {job_id}.{n}" in log for n in range(2)) and log.count("requeueing") == 1
+    assert all(f"attempt {job_id}.{n}" in log for n in range(3)) and log.count("requeueing") == 2
+    # Attempt 1: both stop requests reached the trainer; SIGTERM reached every task, not the batch step (srun would
+    # have turned it into SIGKILL of its tasks: "forcing job termination"), and the servers held it through step 1.
+    trainer_log = (out / "logs" / "trainer.log").read_text()
+    got_term = {line.split(":")[0].strip() for line in trainer_log.splitlines() if "SIGTERM received, stopping after" in line}
+    assert got_term == {"0", "1", "2", "3"}, got_term  # srun --label: every rank, on both trainer nodes
+    assert "/stop: the batch script asks for a stop" in trainer_log and "[job] SIGUSR1" in log
+    assert "forcing job termination" not in log
+    for role in ("student", "teacher"):
+        assert "SIGTERM held: serving until the trainer has ended" in (out / "logs" / f"{role}.log").read_text(), role
+    assert seen["after_1"] == [1] and seen["temporary_1"], seen
+    # Attempt 2: the trainer stopped after step 2 with a checkpoint, and the job requeued itself, before the new end
+    # (handed over, see the fixture). Stopped by launch/deadline.py (less time left than its cautious first-step
+    # estimate) or by Slurm's own notice, --signal=B:USR1@120 (sent once the end is that close), whichever came first.
+    attempt_2 = log.split(f"attempt {job_id}.1")[1].split(f"attempt {job_id}.2")[0]
+    trainer_2 = trainer_log.split(f"code: {REPO}")[2]  # rank 0 says it first thing in each attempt
+    assert "s left before the time limit < a step" in trainer_2 or "[job] SIGUSR1" in attempt_2, (attempt_2, trainer_2)
+    assert seen["after_2"] == [1, 2] and seen["requeued_2"] < seen["end_2"], seen
     # Every attempt's roles ran the code copied when the job first started; the job removed it and its lock at the end.
     code = f"code: {REPO}/runs/code/job-{job_id}"
     for role in ("trainer", "student", "teacher"):
-        assert (out / "logs" / f"{role}.log").read_text().count(code) == 2, role
+        assert (out / "logs" / f"{role}.log").read_text().count(code) == 3, role
     assert not (REPO / "runs" / "code" / f"job-{job_id}").exists() and not (out / ".job.lock").exists()
     # The trainer reached the servers at their addresses on topd0; weight sync from trainer rank 0 on topdn1.
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -204,20 +268,24 @@ def test_sbatch_job_on_namespaced_nodes_is_preempted_requeued_and_resumes(preemp
     assert [host_of(u) for u in saved["teacher"]["urls"]] == ["10.78.0.14"]
     assert saved["rollout"]["sync_method"] == "distributed" and saved["rollout"]["sync_master_address"] == "10.78.0.11"
     assert saved["parallel"]["tensor_parallel"] == 2 and saved["launch"]["trainer_nodes"] == 2
-    # The resumed run equals the uninterrupted one: steps, checkpoints, rollout files, metrics lines (and values).
-    assert [r["step"] for r in metrics(out)] == [1, 2]
+    # The twice-resumed run equals the uninterrupted one: steps, checkpoints (the stop's own step-1 checkpoint
+    # removed), rollout files, metrics lines.
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == \
-        sorted(p.name for p in (ref_out / "checkpoints").glob("step_*")) == ["step_00000002"]
+        sorted(p.name for p in (ref_out / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
     assert sorted(p.name for p in (out / "rollouts").iterdir()) == sorted(p.name for p in (ref_out / "rollouts").iterdir())
-    for name in ("step_00000000.jsonl", "step_00000001.jsonl"):
-        assert len((out / "rollouts" / name).read_text().splitlines()) == 4  # 2 prompts x 2 samples, none doubled
-    records = [json.loads(line) for line in (out / "rollouts" / "step_00000001.jsonl").read_text().splitlines()]
-    assert {r["weight_version"] for r in records} == {"1"}, "resumed servers were re-synced to the step-1 weights"
-    # Same metrics lines (steps and fields), and step 2 drew the same prompts: the data position resumed exactly.
-    # Values are not compared: near-future windows sampled by SGLang differ between any two runs (step 1 already).
+    for step in (0, 1, 2):
+        name = f"step_{step:08d}.jsonl"
+        records = [json.loads(line) for line in (out / "rollouts" / name).read_text().splitlines()]
+        assert len(records) == 4  # 2 prompts x 2 samples, none lost, none doubled
+        if step:  # the first rollouts of attempts 2 and 3: their servers were synced to the resumed weights
+            assert {r["weight_version"] for r in records} == {str(step)}, name
+        # Same prompts as the uninterrupted run: the data position resumed exactly, twice.
+        ref_records = [json.loads(line) for line in (ref_out / "rollouts" / name).read_text().splitlines()]
+        assert [r["prompt_ids"] for r in records] == [r["prompt_ids"] for r in ref_records], name
+    # Same metrics lines (steps and fields). Values are not compared: near-future windows sampled by SGLang differ
+    # between any two runs (step 1 already).
     assert [sorted(r) for r in reduced(metrics(out))] == [sorted(r) for r in reduced(metrics(ref_out))]
-    ref_records = [json.loads(line) for line in (ref_out / "rollouts" / "step_00000001.jsonl").read_text().splitlines()]
-    assert [r["prompt_ids"] for r in records] == [r["prompt_ids"] for r in ref_records]
     nothing_left_on_any_node()
 
 

@@ -75,3 +75,15 @@ def test_without_a_time_limit_it_never_stops(attempt):
     for _ in range(3):
         clock.now += 10 ** 6
         assert not deadline()
+
+
+def test_an_end_time_moved_closer_during_the_first_step_stops_it_and_says_why(attempt, capsys):
+    """The batch script rewrites job_end when Slurm moves the end (scontrol update TimeLimit, preemption's
+    GraceTime); the first step's check, set-up included, already acts on it."""
+    clock = Clock()
+    (attempt / "job_end").write_text(json.dumps({"end": 10_000, "attempt": "5.2"}))
+    deadline = Deadline(attempt, attempt / "checkpoints", clock=clock)
+    (attempt / "job_end").write_text(json.dumps({"end": 150, "attempt": "5.2"}))  # the limit cut mid-step
+    clock.now = 80
+    assert deadline()                      # 70 s left < 80 s (first step, set-up included) + as long a save
+    assert "70 s left before the time limit < a step (80 s) + a save (80 s)" in capsys.readouterr().out
