@@ -70,8 +70,9 @@ H100 = DeviceProfile(
 # SGLang CPU decode step 4.0 ms + 0.26 ms per running sequence, 2.6 ms per prefilled request; a sync's light call
 # 3.6 ms, one more bucket 4.6 ms, 17 ns per bucket byte (16 ns of it the server's load), the rest of a sync 6.2 ms;
 # a dist checkpoint save 0.53 s + 0.047 s per layer (the first of a process 3.3 s); OT 46 us per window pair (K=8);
-# filesystem 0.95 GB/s. Calibrations 30 minutes apart on this shared machine differ by 30-50% per figure, and one
-# taken under heavy load (04:39) came out unphysical (negative per-call costs): docs/planning.md.
+# filesystem 0.95 GB/s. Calibrations 30 minutes apart on this shared machine differ by 30-50% per figure, and two
+# taken under heavy load came out unphysical (04:39: negative per-call costs; 05:01: a TP=2 rank faster per token
+# than a TP=1 layer): docs/planning.md.
 CPU_2CORE = DeviceProfile(
     name="CPU, 2 cores (AMD EPYC; benchmarks/calibrate_cpu_profile.py)",
     mfu_from_layout=False, flops=5.94e+10, backward_ratio=3.21, tp_speedup=0.733, tp_backward_speedup=0.889,
