@@ -121,8 +121,11 @@ class StudentWindows:
 
 
 def in_student_tokens(window: Sequence[int], from_tok, student_tok, special_map: dict, limit: int) -> list[int] | None:
-    """A window's text in the student's tokens, at most ``limit`` of them; None when that is nothing or the student's
-    tokenizer cannot spell it (`retokenize`: mapped special tokens kept, others and broken bytes left out)."""
+    """A window's text in the student's tokens, at most ``limit`` of them; None when that is nothing, the student's
+    tokenizer cannot spell it (`retokenize`: mapped special tokens kept, others and broken bytes left out), or the
+    window holds an id ``from_tok`` has no token for (a padded vocabulary row the model sampled)."""
+    if any(not 0 <= int(i) < len(from_tok) for i in window):
+        return None
     try:
         ids = retokenize(window, from_tok, student_tok, special_map=special_map)[:limit]
     except AlignmentError:

@@ -64,6 +64,7 @@ def test_windows_in_student_tokens_are_cut_checked_and_never_empty(toks):
     assert in_student_tokens(window, bpe, char, back, 4) == encode(char, "12+7")[0]  # topd.window student tokens
     assert in_student_tokens(encode(bpe, "x∑y")[0], bpe, char, back, 50) is None  # no student token for "∑"
     assert in_student_tokens([bpe.convert_tokens_to_ids("<|im_end|>")], bpe, char, back, 50) is None  # nothing
+    assert in_student_tokens(window[:2] + [len(bpe)], bpe, char, back, 50) is None  # a padded row: no token
 
 
 @pytest.mark.parametrize("student,teacher", [("char", "bpe300"), ("bpe1000", "char"), ("bpe1000", "bpe300")])
