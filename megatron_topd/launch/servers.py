@@ -74,11 +74,14 @@ def servers_on_node(data: dict, lc: LaunchConfig, role: str, nodes: list[str], n
             extra += ["--nnodes", str(span), "--node-rank", str(node_rank),
                       "--dist-init-addr", f"{nodes[group * span]}:{dist_init_port}"]
         cfg = replace(rollout, extra_server_args=[])
+        # teacher.context_length (a teacher whose tokenizer writes a row in more tokens needs more), else the rollouts'
+        teacher_context = (data.get("teacher") or {}).get("context_length")
+        context_length = teacher_context if role == "teacher" and teacher_context is not None else cfg.context_length
         server = SGLangServer(
             model_path(data, role), python=cfg.server_python, host=address or node, bind=lc.server_bind or None,
             port=port, device=cfg.device, dtype=cfg.dtype,
             tp_size=cfg.tp_size * span if span > 1 else cfg.tp_size, mem_fraction_static=cfg.mem_fraction_static,
-            context_length=cfg.context_length, seed=cfg.server_seed, extra_args=extra,
+            context_length=context_length, seed=cfg.server_seed, extra_args=extra,
             log_dir=Path(log_dir) / "sglang", startup_timeout_s=cfg.startup_timeout_s, hold_sigterm=True)
         out.append(ServerSpec(role, f"{node}-{i}", node, node_rank == 0, server))
     return out

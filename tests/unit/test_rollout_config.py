@@ -63,3 +63,21 @@ def test_student_servers_run_priority_scheduling_only_with_async_rollouts(tmp_pa
             assert flagged == (want and role == "student"), (async_rollouts, windows_first, role)
     with pytest.raises(ValueError, match="rollout.windows_first"):
         RolloutConfig(model_path=str(tmp_path), windows_first="yes").validate()
+
+
+def test_teacher_servers_take_teacher_context_length(tmp_path):
+    """teacher.context_length reaches the Slurm launcher's teacher servers (the student's keep the rollouts')."""
+    from megatron_topd.launch.config import LaunchConfig
+    from megatron_topd.launch.servers import servers_on_node
+
+    lc = LaunchConfig(trainer_nodes=1, student_nodes=1, teacher_nodes=1)
+    for teacher_context, want in ((None, "512"), (2048, "2048")):
+        data = {"train": {"student_hf_path": str(tmp_path / "s")}, "rollout": {"context_length": 512},
+                "teacher": {"hf_path": str(tmp_path / "t"), "context_length": teacher_context}}
+        got = {}
+        for role in ("student", "teacher"):
+            (spec,) = servers_on_node(data, lc, role, ["node1"], 0, log_dir=tmp_path, dist_init_port=29000,
+                                      port=30000)
+            cmd = spec.server.command()
+            got[role] = cmd[cmd.index("--context-length") + 1]
+        assert got == {"student": "512", "teacher": want}, teacher_context
