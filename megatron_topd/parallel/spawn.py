@@ -9,9 +9,9 @@ at once and read back), holds it until every rank has finished, and the ranks co
 take it in between (with MASTER_PORT picked in the parent and bound by rank 0 after its imports, it could).
 
 Start-up: ranks are forked from multiprocessing's fork server, which imports torch and Megatron-Core once (about 5 s
-of CPU that every spawned rank paid again, some 150 times in the test suite). The server only imports: it runs no
-torch op, so no OpenMP pool exists to be broken by the fork. A forked rank would see the server's environment, not
-the caller's, so the caller's environment travels with the job and replaces it.
+of CPU that every spawned rank paid again, in each of the test suite's few dozen spawns). The server only imports:
+it runs no torch op, so no OpenMP pool exists to be broken by the fork. A forked rank would see the server's
+environment, not the caller's, so the caller's environment travels with the job and replaces it.
 """
 from __future__ import annotations
 
