@@ -21,7 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from megatron_topd.train import preemption
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 def rank() -> int:
@@ -46,9 +46,14 @@ def handoff_overrides(data: dict, lc, root, logs, nodes: list[str]) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First: a stop request that comes while models load must not kill the task. SIGTERM too: the servers hold it
-    # (launch/serve.py) until this trainer has checkpointed and ended.
-    preemption.install(signals=(signal.SIGUSR1, signal.SIGTERM))
+    # First: a stop request that comes while torch imports (seconds) or models load must not kill the task. SIGTERM
+    # too: the servers hold it (launch/serve.py) until this trainer has checkpointed and ended. Held (blocked) before
+    # anything imports torch, delivered to the handler once it is installed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    from megatron_topd.train import preemption
+
+    preemption.install(signals=STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
