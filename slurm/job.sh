@@ -9,6 +9,7 @@
 # waits for all of them. With launch.student_nodes=0 only the trainer runs and its rank 0 launches the servers.
 # A SIGUSR1 to this script (--signal=B:USR1@<s>, or `scancel --signal=USR1 --batch <job>`) becomes <endpoints>/stop:
 # the trainer finishes the step, checkpoints and exits 75; this script then requeues the job, which resumes.
+# A server that dies mid-run ends the attempt the same way (trainer.exit 75, bounded: launch.max_server_requeues).
 #
 # Called by the topd_*.sh scripts with CONFIG set; extra arguments are dotted config overrides.
 # Environment: TRAINER_IMAGE / SGLANG_IMAGE (pyxis images, e.g. nvcr.io#nvidia/pytorch:25.10-py3-based builds; empty:
@@ -183,13 +184,14 @@ echo "[job] trainer exited with $rc"
 kill "${refresher[@]}" 2>/dev/null || true
 
 # 4. Servers stop on the trainer's exit file. Rank 0 writes it (75 = stopped on request, checkpoint saved; the
-#    processes then exit 0); written here when the step failed or the trainer died without writing it.
+#    processes then exit 0); a rank that found a server dead writes 75 too and exits 75, srun ending the other ranks
+#    (launch/server_loss.py); written here when the step failed or the trainer died without writing it.
 written=$(grep -o "\"code\": *[0-9-]*, *\"attempt\": *\"$attempt\"" "$ENDPOINTS/trainer.exit" 2>/dev/null || true)
-if (( rc != 0 )) || [[ -z $written ]]; then
+if [[ $written =~ \"code\":\ *75, ]]; then
+  rc=75
+elif (( rc != 0 )) || [[ -z $written ]]; then
   printf '{"code": %d, "attempt": "%s"}\n' "$rc" "$attempt" > "$ENDPOINTS/.trainer.exit.tmp"
   mv "$ENDPOINTS/.trainer.exit.tmp" "$ENDPOINTS/trainer.exit"
-elif [[ $written =~ \"code\":\ *75, ]]; then
-  rc=75
 fi
 for _ in $(seq 1 60); do
   alive=0

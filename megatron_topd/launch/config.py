@@ -42,6 +42,12 @@ class LaunchConfig:
     # and refuses a job it says does not fit, naming the stage and the largest terms; force=true launches anyway.
     gpu_mem_gb: float = 80.0
     force: bool = False
+    # A server that dies mid-run ends the attempt and the job requeues (launch/server_loss.py): at most this many
+    # times from the same checkpoint; one more loss before a newer checkpoint fails the job.
+    max_server_requeues: int = 2
+    # The trainer stops with a checkpoint when the time left is below a step + a save + this (launch/deadline.py):
+    # what the job still does after the trainer has ended (servers stop, the requeue) must fit before the limit too.
+    stop_margin_s: float = 60.0
 
     def validate(self) -> "LaunchConfig":
         for name in ("trainer_nodes", "tasks_per_node", "student_servers_per_node", "teacher_nodes_per_server"):
@@ -59,6 +65,8 @@ class LaunchConfig:
         checks.int_in("launch", "master_port", self.master_port, 0, 65535)
         checks.int_in("launch", "dist_init_port", self.dist_init_port, 0, 65535)
         checks.number_in("launch", "gpu_mem_gb", self.gpu_mem_gb, 0.0, float("inf"), lo_open=True)
+        _int_at_least("max_server_requeues", self.max_server_requeues, 0)
+        checks.number_in("launch", "stop_margin_s", self.stop_margin_s, 0.0, float("inf"))
         if not isinstance(self.force, bool):
             raise ValueError(f"launch.force={self.force!r} must be true or false")
         return self

@@ -4,7 +4,8 @@ and loses every step since the last checkpoint.
 slurm/job.sh reads the job's end time on the host (`squeue -o %e`; tasks have no Slurm client) into
 `<endpoints>/job_end` ({"end": <epoch s>, "attempt": ...}). At the end of each step (the trainer's stop check) a
 `Deadline` asks for a stop, i.e. a checkpoint and a requeue, when the time left is below what the next step and a
-save after it take, measured in this attempt: so a time limit never costs more than the step in flight.
+save after it take, measured in this attempt, plus `launch.stop_margin_s` (what the job does after the trainer: its
+servers stop, the batch script requeues): so a time limit never costs more than the step in flight.
 
 Measured from the stop checks themselves, one per step, taken after that step's save if it made one: an interval
 in which `checkpoints/latest_step.txt` changed held a step and a save, the others a step alone. Until a save has
@@ -21,9 +22,9 @@ from megatron_topd.launch import endpoints
 END_FILE = "job_end"
 
 
-def too_close(remaining_s: float, step_s: float, save_s: float) -> bool:
-    """The decision rule: stop now unless one more step and a save after it fit in the time left."""
-    return remaining_s < step_s + save_s
+def too_close(remaining_s: float, step_s: float, save_s: float, margin_s: float = 0.0) -> bool:
+    """The decision rule: stop now unless one more step, a save after it and the margin fit in the time left."""
+    return remaining_s < step_s + save_s + margin_s
 
 
 def job_end(root: str | Path) -> float | None:
@@ -38,8 +39,9 @@ def job_end(root: str | Path) -> float | None:
 class Deadline:
     """A stop check: True once the time left is too short for another step plus a save (see `too_close`)."""
 
-    def __init__(self, root: str | Path, checkpoints: str | Path, clock=time.time):
+    def __init__(self, root: str | Path, checkpoints: str | Path, clock=time.time, margin_s: float = 0.0):
         self.root, self.tracker, self.clock = root, Path(checkpoints) / "latest_step.txt", clock
+        self.margin_s = margin_s  # launch.stop_margin_s
         self.started, self.last = clock(), None
         self.saved_at = self._tracker_mtime()
         self.step_s = 0.0  # the longest step without a save
@@ -68,8 +70,9 @@ class Deadline:
             step_s, save_s = self.step_s, self.save_s if self.save_s is not None else self.step_s
         if end is None:
             return False
-        stop = too_close(end - now, step_s, save_s)
+        stop = too_close(end - now, step_s, save_s, self.margin_s)
         if stop:
             print(f"[trainer {endpoints.node_name()}] {end - now:.0f} s left before the time limit < a step "
-                  f"({step_s:.0f} s) + a save ({save_s:.0f} s): stopping with a checkpoint", flush=True)
+                  f"({step_s:.0f} s) + a save ({save_s:.0f} s) + launch.stop_margin_s ({self.margin_s:.0f} s): "
+                  "stopping with a checkpoint", flush=True)
         return stop

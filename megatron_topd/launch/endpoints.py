@@ -47,15 +47,17 @@ def publish(root: str | Path, role: str, name: str, url: str, *, log: str = "", 
     return path
 
 
-def publish_failure(root: str | Path, role: str, name: str, *, node: str, log: str, tail: str, error: str) -> Path:
+def publish_failure(root: str | Path, role: str, name: str, *, node: str, log: str, tail: str, error: str,
+                    serving: bool = False) -> Path:
     """A server that exited or never became healthy: `<endpoints>/<role>/<name>.failed`, which the trainer's wait
-    turns into an error at once (naming role, node, log and its last lines) instead of waiting out its deadline."""
+    turns into an error at once (naming role, node, log and its last lines) instead of waiting out its deadline.
+    `serving`: it died after it had served (launch/server_loss.py: the job requeues; a start-up failure fails it)."""
     folder = Path(root) / role
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.failed"
     tmp = folder / f".{name}.failed.tmp"
     tmp.write_text(json.dumps({"role": role, "name": name, "node": node, "log": log, "tail": tail, "error": error,
-                               "attempt": attempt_id()}))
+                               "serving": serving, "attempt": attempt_id()}))
     os.replace(tmp, path)
     return path
 

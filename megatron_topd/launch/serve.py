@@ -3,9 +3,11 @@
     python -m megatron_topd.launch.serve --role student|teacher --config C [section.key=value ...]
 
 Starts this node's SGLang server(s) bound to `launch.server_bind` (default every interface), waits for `/health`,
-publishes each URL (the node's name, or its address on `launch.network_interface`: never 127.0.0.1) under `<endpoints>/<role>/`, then serves until the trainer's exit file appears (exit
-with the trainer's code, so whichever role a launcher sees end first reports the trainer's result) or a server dies
-(exit 1 with its log tail).
+publishes each URL (the node's name, or its address on `launch.network_interface`: never 127.0.0.1) under
+`<endpoints>/<role>/`, then serves until the trainer's exit file appears, and exits with the trainer's code (so
+whichever role a launcher sees end first reports the trainer's result). A server that dies meanwhile is reported at
+once, `<endpoints>/<role>/<name>.failed` with its log's last lines, on which the trainer ends the attempt and the job
+requeues (launch/server_loss.py); the role still waits for the trainer's exit file and exits with its code.
 
 SIGTERM is held, here and in SGLang (rollout/hold_sigterm.py): Slurm sends it to every process of the job's steps
 when it asks the job to stop (preemption with GraceTime, `scancel --signal=TERM`), and the trainer's step in flight
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                             address=published_address(lc, nodes[index]))
     print(f"[{args.role} {endpoints.node_name()}] starting {len(specs)} server(s): "
           + "; ".join(" ".join(s.server.command()) for s in specs), flush=True)
-    term_seen = False
+    term_seen, dead = False, set()
     try:
         for s in specs:
             s.server.start()
@@ -77,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{args.role} {endpoints.node_name()}] SIGTERM held: serving until the trainer has ended",
                       flush=True)
             for s in specs:
-                if not s.server.is_running():
-                    print(f"[{args.role} {s.node}] SGLang server {s.name} died (log {s.server.log_path}):\n"
-                          f"{s.server.log_tail()}", file=sys.stderr, flush=True)
-                    return 1
-            time.sleep(1.0)
+                if s.name not in dead and not s.server.is_running():
+                    dead.add(s.name)
+                    error = f"exited with code {s.server.proc.returncode} while serving"
+                    endpoints.publish_failure(root, args.role, s.name, node=s.node, log=str(s.server.log_path),
+                                              tail=s.server.log_tail(), error=error, serving=True)
+                    print(f"[{args.role} {s.node}] SGLang server {s.name} died: {error} (log {s.server.log_path}); "
+                          f"reported to the trainer. Last lines of its log:\n{s.server.log_tail()}", file=sys.stderr,
+                          flush=True)
+            time.sleep(1.0)  # polling interval of the role's watch (the exit file, its servers)
     finally:
         for s in specs:
             s.server.stop()  # SIGKILL: SGLang holds SIGTERM

@@ -9,6 +9,8 @@ A stop request (SIGUSR1; SIGTERM, which Slurm sends to every task on preemption 
 `scancel --signal=TERM`; the file `<endpoints>/stop`; or the time limit ahead: train/preemption.py,
 launch/deadline.py) ends the run after the step in flight and a checkpoint: trainer.exit holds 75 (requeue me)
 while the processes exit TOPD_STOP_EXIT_CODE (0 under slurm/job.sh, which reads the file; 75 under NeMo-Run).
+A server that died mid-run (its role's report, launch/server_loss.py) ends the attempt with trainer.exit 75 too, the
+ranks that saw it exiting 75 (non-zero: srun ends the ranks left waiting in a collective), bounded.
 Rank 0 (any rank on failure) writes `<endpoints>/trainer.exit`, on which the server roles stop.
 """
 from __future__ import annotations
@@ -69,26 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     out = (data.get("train") or {}).get("output_dir", "runs/topd")
     root, logs = lc.endpoints(out), lc.logs(out)
     # Stop requests: slurm/job.sh's USR1 trap writes <endpoints>/stop; the time limit is near (launch/deadline.py).
+    from megatron_topd.launch import server_loss
     from megatron_topd.launch.deadline import Deadline
 
-    deadline = Deadline(root, Path(out) / "checkpoints")
+    deadline = Deadline(root, Path(out) / "checkpoints", margin_s=lc.stop_margin_s)
 
     def stop_check() -> bool:
         by_time = deadline()  # called every step, a stop file or not: it measures the steps
         by_file = endpoints.stop_requested(root)
         if by_file:
             print(f"[trainer {endpoints.node_name()}] {root}/stop: the batch script asks for a stop", flush=True)
-        return by_file or by_time
+        lost = server_loss.reported(root)  # a server died after this step's last call to it
+        if lost:
+            print(f"[trainer {endpoints.node_name()}] {server_loss.describe(lost)}: stopping after this step",
+                  flush=True)
+        return by_file or by_time or bool(lost)
 
     preemption.install(stop_check=stop_check)
-    code = 1
+    code, failed = 1, 0
     try:
         endpoints.use_api_key(root)  # its clients and weight sync send the servers' key (servers it starts need it)
         from megatron_topd.launch.snapshot import code_dir
 
-        code = code_dir()  # the job's copy of the code, not the live checkout
-        if code and rank() == 0:
-            print(f"[trainer {endpoints.node_name()}] code: {code}", flush=True)
+        snapshot = code_dir()  # the job's copy of the code, not the live checkout
+        if snapshot and rank() == 0:
+            print(f"[trainer {endpoints.node_name()}] code: {snapshot}", flush=True)
         from megatron_topd.config import load_config
 
         load_config(args.config, args.overrides)  # a bad config fails now, not after the servers came up
@@ -105,16 +112,25 @@ def main(argv: list[str] | None = None) -> int:
         train(load_config(args.config, args.overrides + extra))
         parallel.destroy()
         code = preemption.REQUEUE_EXIT_CODE if preemption.stopped_early() else 0
+        if code == preemption.REQUEUE_EXIT_CODE and server_loss.reported(root):  # stopped for a lost server: bounded
+            code, message = server_loss.decide(out, server_loss.reported(root), lc.max_server_requeues)
+            print(f"[trainer {endpoints.node_name()}] {message}", flush=True)
         if code == 0 and rank() == 0:
             removed = preemption.prune_temporary(Path(out) / "checkpoints")
             if removed:
                 print(f"[trainer] removed stop-request checkpoints now superseded: {removed}", flush=True)
     except BaseException:  # noqa: BLE001 - report, tell the servers, exit non-zero
         traceback.print_exc()
-        code = 1
+        code = failed = 1
+        lost = server_loss.reported(root, within_s=10)  # a call to a dead server may fail before its role says so
+        if lost:  # this rank's call to it failed; every rank still waiting in a collective is ended by srun
+            code, message = server_loss.decide(out, lost, lc.max_server_requeues)
+            print(f"[trainer {endpoints.node_name()}] {message}", flush=True)
     finally:
         if code != 0 or rank() == 0:
             endpoints.write_exit(root, code)
+    if failed:  # a non-zero exit (75 too): srun --kill-on-bad-exit ends the other ranks; trainer.exit says why
+        return code
     if code == preemption.REQUEUE_EXIT_CODE:
         # The exit file says 75. The process exits TOPD_STOP_EXIT_CODE: 0 under slurm/job.sh (which reads the file;
         # srun --kill-on-bad-exit must not cut the other ranks' ends short), 75 under NeMo-Run (whose script acts on

@@ -22,6 +22,8 @@ def attempt(monkeypatch, tmp_path):
 def test_the_rule():
     assert not too_close(remaining_s=100, step_s=60, save_s=30)
     assert too_close(remaining_s=89, step_s=60, save_s=30)
+    assert too_close(remaining_s=100, step_s=60, save_s=30, margin_s=11)  # the job's own end needs time too
+    assert not too_close(remaining_s=101, step_s=60, save_s=30, margin_s=11)
 
 
 def test_end_time_of_this_attempt_only(attempt):
@@ -87,3 +89,13 @@ def test_an_end_time_moved_closer_during_the_first_step_stops_it_and_says_why(at
     clock.now = 80
     assert deadline()                      # 70 s left < 80 s (first step, set-up included) + as long a save
     assert "70 s left before the time limit < a step (80 s) + a save (80 s)" in capsys.readouterr().out
+
+
+def test_the_margin_counts_and_is_named(attempt, capsys):
+    """launch.stop_margin_s: what the job does after the trainer (servers stop, requeue) must fit before the end."""
+    clock = Clock()
+    (attempt / "job_end").write_text(json.dumps({"end": 170, "attempt": "5.2"}))
+    deadline = Deadline(attempt, attempt / "checkpoints", clock=clock, margin_s=60)
+    clock.now = 40
+    assert deadline()                      # 130 s left < 40 + 40 + 60 (without the margin it would go on)
+    assert "+ launch.stop_margin_s (60 s): stopping" in capsys.readouterr().out
