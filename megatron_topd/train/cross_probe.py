@@ -2,14 +2,16 @@
 docs/remote_teacher.md "Teachers with another tokenizer"): where a candidate is probed, and both sides' windows
 written in the student's tokens.
 
-    teacher_side, student_side, place = probe_samplers(run.teacher, run.teacher_client, run.student_client, rows)
+    teacher_side, student_side, place = probe_samplers(run.teacher, run.teacher_client, run.student_client, rows,
+                                                       asks=asks)
     run_probe(..., teacher=teacher_side, student=student_side, place_candidates=place)
 
 - **Where**: a candidate moves to the first student token of its span (`probe_position`), so the probe's prefix ends
   where both tokenizations have a boundary; a candidate in a span without a teacher signal is not probed.
 - **Teacher side** (`TeacherWindows`, a `ContinuationSampler` over the student's ids): the prefix's prompt becomes
-  the teacher's rendering of the same dataset row (`CrossTokenizerTeacher.prompt_for`, remembered when the samples
-  were scored), its response part is re-tokenized with the teacher's tokenizer (`retokenize`), the teacher's
+  the teacher's rendering of the same dataset row (`CrossTokenizerTeacher.prompt_for`, remembered by rank 0 when it
+  scored the samples; `teacher_prompts` hands each data-parallel replica's asking rank those of its rows), its
+  response part is re-tokenized with the teacher's tokenizer (`retokenize`), the teacher's
   server continues that in its own ids (`topd.window` of its tokens), and each window is decoded and re-tokenized
   with the student's tokenizer, cut to `topd.window` student tokens.
 - **Student side** (`StudentWindows`): the student's window re-tokenized canonically with its own tokenizer, so
@@ -25,20 +27,66 @@ dimension.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import torch.distributed as dist
+
+from megatron_topd import parallel
 from megatron_topd.rollout.validation import longest_input
 from megatron_topd.topd.cross_tokenizer import AlignmentError, align_response, probe_position, retokenize
 from megatron_topd.train.teacher import CrossTokenizerTeacher
 
 
-def probe_samplers(teacher, teacher_client, student_client, rows):
+def probe_samplers(teacher, teacher_client, student_client, rows, *, asks: bool = True):
     """(teacher sampler, student sampler, candidate placement or None) for `run_probe`: the clients themselves
-    for a teacher that shares the student's tokenizer, the cross-tokenizer samplers otherwise."""
+    for a teacher that shares the student's tokenizer, the cross-tokenizer samplers otherwise. ``asks``: this rank
+    asks the servers for its replica's windows (the loop's first TP rank of each replica's first stage); across
+    tokenizers every asking rank must call (`teacher_prompts` is a collective over them), the others get no
+    samplers, only the placement."""
     if not isinstance(teacher, CrossTokenizerTeacher):
         return teacher_client, student_client, None
-    return (TeacherWindows(teacher, rows.prompts), StudentWindows(student_client, teacher.student_tokenizer),
-            lambda candidates: place_candidates(teacher, rows, candidates))
+    place = functools.partial(place_candidates, teacher, rows)
+    if not asks:
+        return None, None, place
+    renderings = teacher_prompts(teacher, rows.prompts, asking_ranks())
+    return TeacherWindows(teacher, renderings), StudentWindows(student_client, teacher.student_tokenizer), place
+
+
+def asking_ranks():
+    """The group of the ranks that ask for windows, one per data-parallel replica (and context-parallel rank):
+    the data-parallel group of a first-stage TP rank 0, which holds global rank 0. None in a single process."""
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def teacher_prompts(teacher: CrossTokenizerTeacher, prompts: Sequence[Sequence[int]],
+                    group=None) -> dict[tuple[int, ...], list[int]]:
+    """Student prompt ids -> the teacher's rendering of that prompt, for ``prompts`` (this replica's rows).
+
+    Only rank 0 saw the dataset rows (it scored the samples, `CrossTokenizerTeacher.ascore_samples`), so with a
+    ``group`` of several asking ranks (`asking_ranks`) every member's prompts are all-gathered and rank 0 broadcasts
+    its renderings of all of them (`prompt_for`): the windows of a row are asked for from the same teacher prefix
+    whatever replica holds it. Object collectives of int lists: per step the unique prompts, (prompts_per_step,
+    prompt length) ids in each tokenizer - at examples/topd_70b.yaml (64 prompts of at most 384 tokens, DP 2) under
+    0.1M ints, beside the (256 rows, 16k) ids of the step's batch every rank already receives."""
+    mine = list(dict.fromkeys(tuple(int(t) for t in p) for p in prompts))
+    if group is None or dist.get_world_size(group) == 1:
+        return {key: teacher.prompt_for(list(key)) for key in mine}
+    if dist.get_global_rank(group, 0) != 0:
+        raise ValueError("teacher_prompts: the group of asking ranks must hold global rank 0, which alone has the "
+                         "teacher's renderings of the prompts (call it on the first TP rank of each replica's first "
+                         "pipeline stage)")
+    asked: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(asked, mine, group=group)
+    answer = None
+    if dist.get_rank() == 0:
+        answer = {key: teacher.prompt_for(list(key)) for key in dict.fromkeys(k for keys in asked for k in keys)}
+    answer = parallel.broadcast_object(answer, src=0, group=group)
+    return {key: answer[key] for key in mine}
 
 
 def place_candidates(teacher: CrossTokenizerTeacher, rows, candidates: list[list[int]]) -> list[list[int]]:
@@ -61,17 +109,18 @@ def place_candidates(teacher: CrossTokenizerTeacher, rows, candidates: list[list
 
 class TeacherWindows:
     """The teacher's near-future windows of student-id prefixes, in the student's ids (module docstring);
-    None for a candidate it cannot continue."""
+    None for a candidate it cannot continue. ``renderings``: student prompt ids -> the teacher's prompt ids, for
+    the prompts of the rows whose candidates are probed (`teacher_prompts`)."""
 
-    def __init__(self, teacher: CrossTokenizerTeacher, prompts: Sequence[Sequence[int]]):
+    def __init__(self, teacher: CrossTokenizerTeacher, renderings: dict[tuple[int, ...], list[int]]):
         self.teacher = teacher
-        self.prompts = {tuple(p) for p in prompts}
-        self.prompt_lengths = sorted({len(p) for p in prompts}, reverse=True)
+        self.renderings = renderings
+        self.prompt_lengths = sorted({len(p) for p in renderings}, reverse=True)
 
     def teacher_prefix(self, prefix: Sequence[int]) -> list[int] | None:
         """The prefix in the teacher's ids: its prompt rendered for the teacher, then its response part's text."""
         t = self.teacher
-        cut = next((n for n in self.prompt_lengths if tuple(prefix[:n]) in self.prompts), None)
+        cut = next((n for n in self.prompt_lengths if tuple(prefix[:n]) in self.renderings), None)
         if cut is None:
             raise ValueError("a probe prefix starts with none of this step's prompts: build TeacherWindows with the "
                              "rows whose candidates are probed")
@@ -79,7 +128,7 @@ class TeacherWindows:
             response = retokenize(prefix[cut:], t.student_tokenizer, t.teacher_tokenizer, special_map=t.special_map)
         except AlignmentError:
             return None
-        return t.prompt_for(list(prefix[:cut])) + response
+        return list(self.renderings[tuple(prefix[:cut])]) + response
 
     def continue_prefixes(self, prefixes, *, max_new_tokens: int, n: int, temperature: float, top_p: float,
                           seed: int | None, servers=None) -> list[list[list[int]] | None]:

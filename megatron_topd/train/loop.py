@@ -156,7 +156,8 @@ def probe_replica(run: Run, step: int, rows: RolloutRows, token_loss: torch.Tens
         asks = ps.get_tensor_model_parallel_rank() == 0  # one rank per replica talks to the servers
         # the servers' clients; for a teacher of another tokenizer, samplers that write both windows in the
         # student's tokens and probe each candidate at its span's start (train/cross_probe.py)
-        teacher_side, student_side, place = probe_samplers(run.teacher, run.teacher_client, run.student_client, rows)
+        teacher_side, student_side, place = probe_samplers(run.teacher, run.teacher_client, run.student_client, rows,
+                                                           asks=asks)
         probe = run_probe(
             tokens, token_loss, response_mask, cfg.topd,
             teacher=teacher_side if asks else None, student=student_side if asks else None,

@@ -319,8 +319,9 @@ def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
     """The remote teacher behind `teacher.urls` (or the server rank 0 launched), after comparing its tokenizer with
     the student's (`teacher.tokenizer`): the same vocabulary gives a `RemoteTeacher` scoring the student's ids; another
     one a `CrossTokenizerTeacher` (its tokenizer from `teacher.hf_path`, else the server's `tokenizer_path`) that
-    scores its own tokenization of each response (on rank 0, which alone scores and asks for windows; other ranks
-    get the mode, and for TOPD the teacher's tokenizer too: every rank moves the probe's candidates to span starts)."""
+    scores its own tokenization of each response (on rank 0, which alone scores; other ranks get the mode, and for
+    TOPD the teacher's tokenizer and vocabulary rows too: every rank moves the probe's candidates to span starts, and
+    each data-parallel replica's first rank asks the teacher's server for its rows' windows)."""
     from transformers import AutoTokenizer
 
     from megatron_topd.rollout.weight_sync.admin import call
@@ -346,20 +347,15 @@ def remote_teacher(cfg: Config, client, tokenizer, vocab: int) -> RemoteTeacher:
                   deadline_s=cfg.teacher.deadline_s)
     if mode == "same":
         return RemoteTeacher(client, kl=cfg.teacher.kl, top_k=cfg.teacher.top_k, **signal)
-    if cfg.topd.variant != "opd":  # the probe: every rank places candidates, rank 0 alone asks for windows
-        from megatron.core import parallel_state as ps
-
-        if ps.get_data_parallel_world_size() > 1:
-            raise ValueError(f"teacher.tokenizer=cross with topd.variant={cfg.topd.variant} runs at data-parallel "
-                             f"size 1 (got {ps.get_data_parallel_world_size()}): only rank 0 knows the teacher's "
-                             "rendering of each prompt; use tensor/pipeline parallelism, or topd.variant=opd")
-        found = parallel.broadcast_object(found)
+    rows = (_model_rows(found[1]) or len(teacher_tok)) if found is not None else None  # rank 0
+    if cfg.topd.variant != "opd":  # the probe: every rank places candidates, each replica's first rank asks
+        found, rows = parallel.broadcast_object((found, rows))
         if teacher_tok is None:
             teacher_tok = AutoTokenizer.from_pretrained(found[0])
     scoring = client
-    if found is not None and dist.get_rank() == 0:  # the teacher's ids are range-checked against its vocabulary
+    if rows is not None:  # the teacher's ids (scored, or continued in windows) are range-checked against its rows
         scoring = copy.copy(client)
-        scoring.vocab_size = _model_rows(found[1]) or len(teacher_tok)
+        scoring.vocab_size = rows
     return CrossTokenizerTeacher(scoring, student_tokenizer=tokenizer, teacher_tokenizer=teacher_tok,
                                  top_k=cfg.teacher.top_k, **signal)
 

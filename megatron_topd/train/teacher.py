@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from megatron_topd.train.step import run_schedule
 
@@ -252,8 +253,8 @@ class CrossTokenizerTeacher(RemoteTeacher):
     `rollout.prompts.PromptDataset` renders it for the student. Without the row (a caller that only has ids), the
     student's prompt ids are decoded (special tokens skipped) and that text is the one user message. The rendering
     of each scored prompt is remembered (the last ``remember`` prompts, shared with `with_own_client` copies) for
-    TOPD's probe, whose prefixes start with the student's prompt ids (train/cross_probe.py); its guidance rows get
-    hard targets (`score_guidance`).
+    TOPD's probe, whose prefixes start with the student's prompt ids (train/cross_probe.py `teacher_prompts` hands
+    them to each data-parallel replica's asking rank); its guidance rows get hard targets (`score_guidance`).
     """
 
     wants_sample_context = True  # the rollout source passes each sample's log-probs and the prompt's dataset row
@@ -367,14 +368,23 @@ class CrossTokenizerTeacher(RemoteTeacher):
 
     counts_rows = True  # metrics every step, deadline or not
 
+    def step_metrics(self, batch) -> dict:
+        """`row_counts` (rank 0's, over the whole batch) and ``cross_tokenizer_dropped_candidates``: the probe's
+        candidates without windows in both tokenizers since the last call (which resets it), summed over every
+        rank, since each data-parallel replica's asking rank counts its own. A collective: every rank calls it."""
+        from megatron_topd import parallel
+
+        dropped, self.dropped_candidates = self.dropped_candidates, 0
+        total = torch.tensor([float(dropped)], dtype=torch.float64, device=parallel.device())
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return {**super().step_metrics(batch), "cross_tokenizer_dropped_candidates": float(total)}
+
     def row_counts(self, rows: list[dict]) -> dict:
         """``cross_tokenizer_masked_tokens`` (response tokens without a teacher signal, weight 0),
         ``cross_tokenizer_unaligned_rows`` (responses that could not be aligned at all, all their tokens masked),
-        ``cross_tokenizer_response_tokens``, ``teacher_late_rows`` and ``cross_tokenizer_dropped_candidates`` (the
-        probe's candidates without windows in both tokenizers since the last call, which resets it)."""
-        dropped, self.dropped_candidates = self.dropped_candidates, 0
-        return {"cross_tokenizer_dropped_candidates": float(dropped),
-                "cross_tokenizer_masked_tokens": float(sum(int((~r["signal_mask"]).sum()) for r in rows)),
+        ``cross_tokenizer_response_tokens`` and ``teacher_late_rows``."""
+        return {"cross_tokenizer_masked_tokens": float(sum(int((~r["signal_mask"]).sum()) for r in rows)),
                 "cross_tokenizer_unaligned_rows": float(sum(not r["aligned"] for r in rows)),
                 "cross_tokenizer_response_tokens": float(sum(len(r["signal_mask"]) for r in rows)),
                 **super().row_counts(rows)}

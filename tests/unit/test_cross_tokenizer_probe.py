@@ -10,6 +10,7 @@ BPE of 300 or 1000 tokens with specials ``<|endoftext|> ... <|im_end|>``. The sa
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from megatron_topd.topd import TopdConfig, embedding_lookup, run_probe
 from megatron_topd.topd.cross_tokenizer import AlignmentError, align_response, probe_position, retokenize
 from megatron_topd.topd.sampler import TorchModelSampler
 from megatron_topd.train.cross_probe import (StudentWindows, TeacherWindows, in_student_tokens, place_candidates,
-                                             probe_samplers)
+                                             probe_samplers, teacher_prompts)
 from megatron_topd.train.handoffs import RolloutRows
 from megatron_topd.train.teacher import CrossTokenizerTeacher, RemoteTeacher
 from tests.unit.test_cross_tokenizer import encode, random_text
@@ -115,7 +116,8 @@ def test_teacher_prefix_uses_the_teachers_prompt_and_its_tokens_of_the_response(
     char, bpe = toks["char"], toks["bpe300"]
     prompt = encode(char, "12+30=")[0]
     teacher.prompts[tuple(prompt)] = [bpe.bos_token_id] + encode(bpe, "12+30=")[0]  # as ascore_samples renders it
-    windows = TeacherWindows(teacher, [prompt])
+    windows = TeacherWindows(teacher, teacher_prompts(teacher, [prompt, prompt]))
+    assert windows.renderings == {tuple(prompt): teacher.prompts[tuple(prompt)]}
     response = encode(char, "2+0=2; ok")[0]
     assert windows.teacher_prefix(prompt + response) == teacher.prompts[tuple(prompt)] + encode(bpe, "2+0=2; ok")[0]
     with pytest.raises(ValueError, match="starts with none of this step's prompts"):
@@ -142,6 +144,7 @@ def test_probe_across_tokenizers_places_maps_and_drops(toks):
     student_client = TorchModelSampler(bigram(len(char), 2), eos_id=char.eos_token_id)
     teacher_side, student_side, place = probe_samplers(teacher, None, student_client, rows)
     assert isinstance(teacher_side, TeacherWindows) and isinstance(student_side, StudentWindows)
+    assert probe_samplers(teacher, None, student_client, rows, asks=False)[:2] == (None, None)  # places only
     cfg = TopdConfig(variant="topd", top_k=1, min_gap=1, window=6, low_fraction=0.0)
     table = torch.randn(len(char), 8, generator=torch.Generator().manual_seed(0))
     probe = run_probe(tokens, loss, mask, cfg, teacher=teacher_side, student=student_side,
@@ -152,7 +155,8 @@ def test_probe_across_tokenizers_places_maps_and_drops(toks):
     assert start == 11  # moved back to where "he" begins in both tokenizations
     assert probe.requests.owners == [(0, len(prompt) + start)] and probe.candidates == [[len(prompt) + start], []]
     assert teacher.dropped_candidates == 1  # row 1's candidate: no room in the teacher's context
-    assert teacher.row_counts([])["cross_tokenizer_dropped_candidates"] == 1.0 and teacher.dropped_candidates == 0
+    assert teacher.step_metrics(SimpleNamespace(teacher=[]))["cross_tokenizer_dropped_candidates"] == 1.0
+    assert teacher.dropped_candidates == 0  # counted once
 
     (prefix,) = probe.requests.prefixes
     t_prefix = teacher_side.teacher_prefix(prefix)
