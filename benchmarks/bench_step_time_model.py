@@ -5,7 +5,9 @@ servers), for ``--steps`` steps instead of 120 (the model is per step); step 1 i
 means. The measured seconds per phase are the loop's own metrics (generation_s, scoring_s, window_s, ot_s, train_s,
 sync_s); the prediction is `step_time` on the `CPU_2CORE` profile (plan/devices.py, measured by
 benchmarks/calibrate_cpu_profile.py, never from a demo step) with the step's shape from the config and from the
-run's own rollout records (prompt and response lengths: the model's inputs, not its outputs). The checkpoint is
+run's own rollout records (prompt and response lengths, and the microbatches the trainer packs those rows into)
+and metrics (the guidance windows the probe kept: the rows the training pass trains on): the model's inputs, not
+its outputs. The checkpoint is
 the run's own save after its last step (train.steps always saves), from the files' times: from the last write of
 metrics.jsonl (the loop logs a step, then saves) to the write of checkpoints/latest_step.txt (the save's last act),
 amortised over train.save_interval as the model amortises it. The run saves every ``--save-interval`` steps (4,
@@ -51,7 +53,10 @@ def run_demo(run_dir: Path, steps: int, save_interval: int) -> None:
 
 
 def measured(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean seconds per phase over the steps after the first, and the steps' shape from the rollout records."""
+    """Mean seconds per phase over the steps after the first, and the steps' shape from the rollout records (the
+    rows' lengths, and the microbatches the trainer packs them into)."""
+    from megatron_topd.train.batches import pack_rows, pad_multiple
+
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
     steps = [r for r in rows if "step_s" in r][1:]
     if not steps:
@@ -60,14 +65,21 @@ def measured(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
     means["step (no eval)"] = statistics.fmean(r["step_s"] - r.get("eval_s", 0.0) for r in steps)
     means["save_s"] = _last_save_seconds(run_dir)
     means["checkpoint"] = means["save_s"] / _config(run_dir).train.save_interval
-    prompts, responses, longest = [], [], []
+    prompts, responses, longest, microbatches = [], [], [], []
+    cfg = _config(run_dir)
+    multiple = pad_multiple(cfg.parallel.tensor_parallel, sequence_parallel=cfg.parallel.sequence_parallel,
+                            fp8=cfg.precision.fp8 is not None, context_parallel=cfg.parallel.context_parallel)
     for path in sorted((run_dir / "rollouts").glob("*.jsonl"))[1:]:
         recs = [json.loads(line) for line in open(path) if line.strip()]
         prompts += [len(r["prompt_ids"]) for r in recs]
         responses += [len(r["response_ids"]) for r in recs]
         longest.append(max(len(r["response_ids"]) for r in recs))
+        # the step's rows packed as the trainer packs them (one replica: the demo's data parallelism is 1)
+        rows = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in recs]
+        microbatches.append(len(pack_rows(rows, cfg.train.max_tokens_per_microbatch, multiple)))
     shape = {"prompt_tokens": statistics.fmean(prompts), "response_tokens": statistics.fmean(responses),
              "longest_response": statistics.fmean(longest), "steps": len(steps),
+             "rollout_microbatches": statistics.fmean(microbatches),
              "guidance_windows": statistics.fmean(r["guidance_windows"] for r in steps),
              "save_interval": _config(run_dir).train.save_interval}
     return means, shape
@@ -101,14 +113,16 @@ def predicted(shape: dict, profile_json: str | None = None):
     p, t, r = cfg.parallel, cfg.train, cfg.rollout
     layout = Layout(tp=p.tensor_parallel, pp=p.pipeline_parallel, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
                     teacher_group_microbatches=t.teacher_group_microbatches, placement=cfg.teacher.placement)
-    step = TopdStep(rows=t.prompts_per_step * r.n_samples, prompt_tokens=round(shape["prompt_tokens"]),
+    rows = t.prompts_per_step * r.n_samples
+    step = TopdStep(rows=rows, prompt_tokens=round(shape["prompt_tokens"]),
                     response_tokens=round(shape["response_tokens"]), longest_response=round(shape["longest_response"]),
                     candidates_per_row=cfg.topd.top_k, window=cfg.topd.window,
-                    divergent_share=1 - cfg.topd.low_fraction, student_servers=r.num_servers, teacher_servers=1,
-                    decode_batch=t.prompts_per_step * r.n_samples, server_kv_tokens=4096,  # CPU_DEFAULT_ARGS
+                    divergent_share=shape["guidance_windows"] / (rows * cfg.topd.top_k),  # the windows kept
+                    student_servers=r.num_servers, teacher_servers=1,
+                    decode_batch=rows, server_kv_tokens=4096,  # CPU_DEFAULT_ARGS
                     save_interval=shape["save_interval"], sync_bucket_mb=r.sync_bucket_mb, variant=cfg.topd.variant,
-                    guidance_layout="shared_prefix",
-                    dtype_bytes=4)
+                    guidance_layout="shared_prefix", dtype_bytes=4,
+                    rollout_microbatches=shape.get("rollout_microbatches"))
     device = CPU_2CORE
     if profile_json:  # a calibration's print: its "profile" fields over plan/devices.py's
         fields = json.loads(Path(profile_json).read_text())["profile"]
@@ -137,7 +151,7 @@ def main() -> None:
     print(f"device profile: {device}")
     print(f"step shape (rollout records, {shape['steps']} steps after the warm-up): prompt {shape['prompt_tokens']:.1f}"
           f" tokens, response {shape['response_tokens']:.1f} (longest {shape['longest_response']:.1f}), "
-          f"guidance windows {shape['guidance_windows']:.0f}")
+          f"guidance windows {shape['guidance_windows']:.0f}, rollout microbatches {shape['rollout_microbatches']:.2f}")
     print(f"{'phase':<14}{'pred s':>9}{'meas s':>9}{'pred share':>12}{'meas share':>12}{'ratio':>8}")
     worst = 0.0
     for k in common:

@@ -4,9 +4,11 @@ apart from any TOPD step, on one thread per process as the demo runs (OMP_NUM_TH
 - matmul FLOP/s: fp32 GEMMs of a trainer microbatch's shape ([1024, 96] x [96, 256]) and a large one (2048^3);
 - memory bandwidth: a 256 MB copy (read + write);
 - Megatron's local layer (d96, FFN 256): seconds of one layer's forward (no grad), and forward + backward, per call
-  (a 16-token microbatch is launch-bound) and per token (from a 1024-token one), and the same outside the layers
-  (embedding, output layer), from a 1-layer and a 3-layer GPTModel on one rank; one Megatron schedule call; one
-  step of the trainer's Megatron optimizer (Adam) on the 3-layer model;
+  and per token (the intercept and slope of a line through microbatches of 16 to 2048 tokens), and the same
+  outside the layers (embedding, output layer), from a 1-layer and a 3-layer GPTModel on one rank and at TP=2;
+  one Megatron schedule call (alternating with the bare forward it wraps); one step of the trainer's Megatron
+  optimizer (Adam) on the 3-layer model. These trainer figures are checked against physics (`unphysical`: no cost
+  below 0, a TP=2 rank at most 2x as fast as one rank) and measured again, up to 3 times, where load broke them;
 - gloo between two processes: an all-reduce's latency (one float, back to back) and bandwidth (4 MB); the profile's
   collective latency is what an all-reduce costs inside a pass (the TP=2 layer's calls against the TP=1 layer's);
 - a SGLang CPU server (the tiny random student of megatron_topd/testing, the demo's server settings): seconds per
@@ -97,12 +99,17 @@ def _zero_loss(logits, batch):
     return logits.new_zeros(()), {}
 
 
-def _layer_times(tp: int):
+# Microbatch shapes of the layer timings (rows x width): 16 tokens (launch-bound) to 2048 (the per-token work about
+# 10x the per-call cost at TP=1, and at TP=2); the per-call and per-token costs are the intercept and slope of a
+# least-squares line through the four, not a difference of two timings.
+LAYER_SHAPES = ((1, 16), (4, 64), (16, 64), (32, 64))
+
+
+def _layer_times(tp: int, rounds: int = 15):
     """{(layers, tokens): (forward s, forward + backward s)} of a Megatron local GPTModel (d96, 4 heads, FFN 256)
-    with 1 and 3 layers at 16 tokens (1 x 16: launch-bound) and 1024 (16 x 64), at tensor parallelism ``tp``; and
-    the models. The eight timings alternate, 21 rounds, medians: the per-call and per-token costs are differences
-    of them, and load on this shared machine moves timings taken together alike (one after another, a per-token
-    slope came out below 0)."""
+    with 1 and 3 layers at the `LAYER_SHAPES`, at tensor parallelism ``tp``; and the models. The timings
+    alternate, ``rounds`` rounds, medians: load on this shared machine then moves the timings that are compared
+    alike (one after another, a per-token slope came out below 0)."""
     import torch
 
     from megatron_topd import parallel
@@ -114,7 +121,7 @@ def _layer_times(tp: int):
         spec = ModelSpec(vocab_size=128, hidden_size=96, num_layers=layers, num_attention_heads=4, num_kv_heads=4,
                          ffn_hidden_size=256)
         model = models[layers] = build_gpt_model(spec)
-        for rows, width in ((1, 16), (16, 64)):
+        for rows, width in LAYER_SHAPES:
             tokens = torch.randint(0, 128, (rows, width), generator=torch.Generator().manual_seed(rows))
             positions = torch.arange(width)[None].expand(rows, -1)
 
@@ -125,30 +132,32 @@ def _layer_times(tp: int):
             def forward_backward(model=model, tokens=tokens, positions=positions):
                 model(input_ids=tokens, position_ids=positions, attention_mask=None).float().sum().backward()
 
-            passes[layers, rows * width] = (forward, forward_backward)
-    times = {key: ([], []) for key in passes}
-    for fns in passes.values():  # warm-up
-        for fn in fns:
-            fn()
-    for _ in range(21):
-        for key, fns in passes.items():
-            for kind, fn in enumerate(fns):
-                times[key][kind].append(_timed(fn))
-    t = {key: (statistics.median(f), statistics.median(fb)) for key, (f, fb) in times.items()}
+            passes[layers, rows * width, 0], passes[layers, rows * width, 1] = forward, forward_backward
+    medians = _alternating(passes, rounds)
+    t = {(layers, n): (medians[layers, n, 0], medians[layers, n, 1]) for layers, n, kind in passes if kind == 0}
     return t, models
 
 
+def _line(points: dict[int, float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through {tokens: seconds}."""
+    n = list(points)
+    slope, intercept = statistics.linear_regression(n, [points[k] for k in n])
+    return intercept, slope
+
+
 def _per_call_and_token(t: dict, prefix: str = "") -> dict:
-    """Per layer and outside the layers (the 1-layer model less one layer), forward and train: the cost per call
-    (the 16-token intercept) and per token (the slope to 1024 tokens)."""
+    """Per layer (half the 3-layer model's time less the 1-layer model's) and outside the layers (the 1-layer
+    model less one layer), forward and train: the cost per call (the intercept at 0 tokens) and per token (the
+    slope), a line through the `LAYER_SHAPES`' timings."""
     out = {}
+    sizes = [rows * width for rows, width in LAYER_SHAPES]
     for i, kind in enumerate(("forward", "train")):
-        layer = {n: (t[3, n][i] - t[1, n][i]) / 2 for n in (16, 1024)}
-        model = {n: t[1, n][i] - layer[n] for n in (16, 1024)}
+        layer = {n: (t[3, n][i] - t[1, n][i]) / 2 for n in sizes}
+        model = {n: t[1, n][i] - layer[n] for n in sizes}
         for part, times in (("layer", layer), ("model", model)):
-            slope = (times[1024] - times[16]) / (1024 - 16)
+            intercept, slope = _line(times)
             out[f"{prefix}{part}_{kind}_token_s"] = slope
-            out[f"{prefix}{part}_{kind}_s"] = times[16] - 16 * slope
+            out[f"{prefix}{part}_{kind}_s"] = intercept
     return out
 
 
@@ -165,7 +174,8 @@ def tp_layer_job(checkpoints: bool = True) -> dict:
 def _checkpoint_seconds(models: dict) -> dict:
     """`checkpointing.save_checkpoint` (what the loop calls every train.save_interval steps) of the 1- and 3-layer
     models with their Adam state, on every rank: the first save of the process (Megatron's one-time set-up
-    included) and the median of later ones; per save (the 0-layer intercept) and per layer."""
+    included) and the median of 9 later ones (from each model's third save on, alternating); per save (the 0-layer
+    intercept) and per layer."""
     import shutil
 
     import torch.distributed as dist
@@ -186,11 +196,7 @@ def _checkpoint_seconds(models: dict) -> dict:
             save_checkpoint(root, next(step), [ddp], optimizer, scheduler)
     dist.barrier()
     first = {layers: _timed(save) for layers, save in saves.items()}
-    times = {layers: [] for layers in saves}
-    for _ in range(5):  # alternating, as in _layer_times
-        for layers, save in saves.items():
-            times[layers].append(_timed(save))
-    later = {layers: statistics.median(v) for layers, v in times.items()}
+    later = _alternating(saves, rounds=9)
     dist.barrier()
     if dist.get_rank() == 0:
         for root in roots:
@@ -199,6 +205,18 @@ def _checkpoint_seconds(models: dict) -> dict:
     return {"checkpoint_call_s": later[1] - per_layer, "checkpoint_layer_s": per_layer,
             "checkpoint_first_save_s_1layer": first[1], "checkpoint_first_save_s_3layer": first[3],
             "checkpoint_save_s_1layer": later[1], "checkpoint_save_s_3layer": later[3]}
+
+
+def _alternating(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each of ``fns``, timed in turn ``rounds`` times after one warm-up each: load on this shared
+    machine then moves the timings that are compared alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(_timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _timed(fn) -> float:
@@ -217,9 +235,17 @@ def layer_pass_job() -> dict:
     t, models = _layer_times(1)
     out = _per_call_and_token(t)
     batch = {"tokens": torch.randint(0, 128, (1, 16)), "position_ids": torch.arange(16)[None]}
-    with torch.no_grad():
-        scheduled = _best(lambda: run_schedule([models[1]], [batch], _zero_loss, forward_only=True), reps=21)
-    out["schedule_call_s"] = scheduled - t[1, 16][0]
+
+    def bare():
+        with torch.no_grad():
+            models[1](input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None)
+
+    def scheduled():
+        with torch.no_grad():
+            run_schedule([models[1]], [batch], _zero_loss, forward_only=True)
+
+    t = _alternating({"bare": bare, "scheduled": scheduled}, rounds=41)
+    out["schedule_call_s"] = t["scheduled"] - t["bare"]
     out["optimizer_step_s"] = _optimizer_step_seconds(models[3], batch)
     return out
 
@@ -346,12 +372,12 @@ def profile_fields(fig: dict) -> dict:
         "memory_bytes_per_s": fig["memory_bytes_per_s"],
         **{k: fig[k] for k in ("decode_step_overhead_s", "decode_seq_step_s", "prefill_request_s",
                                "server_light_call_s", "weight_update_call_s", "layer_forward_s", "layer_train_s",
-                               "model_forward_token_s", "optimizer_step_s",
+                               "optimizer_step_s",
                                "collective_bytes_per_s", "filesystem_bytes_per_s", "ot_seconds_per_window",
                                "checkpoint_call_s", "checkpoint_layer_s") if k in fig},
         # differences of medians: noise can take a small one below 0, which no cost is
-        **{k: max(0.0, fig[k]) for k in ("model_forward_s", "model_train_s", "schedule_call_s", "weight_sync_rest_s")
-           if k in fig},
+        **{k: max(0.0, fig[k]) for k in ("model_forward_s", "model_train_s", "model_forward_token_s",
+                                         "schedule_call_s", "weight_sync_rest_s") if k in fig},
         "inter_node_bytes_per_s": fig["collective_bytes_per_s"],
         "collective_latency_s": _collective_in_pass_s(fig),
         **({"weight_load_bytes_per_s": _weight_load_rate(fig)} if "weight_update_seconds_per_byte" in fig else {}),
@@ -360,6 +386,27 @@ def profile_fields(fig: dict) -> dict:
             / (_tp2_compute_token_s(fig, "train") - _tp2_compute_token_s(fig, "forward"))}
            if "tp2_layer_forward_token_s" in fig else {}),
     }
+
+
+TRAINER_ATTEMPTS = 3
+
+
+def unphysical(fig: dict) -> list[str]:
+    """The trainer figures no machine can have (what noise under load produced before: per-call costs below 0, a
+    TP=2 rank's backward 3.7x as fast as TP=1's): every cost at least 0, a backward costs something, a rank of a
+    TP=2 layer runs its share at most 2x as fast as one rank runs the whole layer, an all-reduce inside a pass costs
+    at least what one costs in a loop. Empty when the figures are physical."""
+    bad = [f"{k} {fig[k]:.3g} < 0" for k in ("layer_forward_s", "layer_train_s", "layer_forward_token_s",
+                                             "layer_train_token_s", "tp2_layer_forward_token_s",
+                                             "tp2_layer_train_token_s", "optimizer_step_s") if fig[k] < 0]
+    if fig["layer_train_token_s"] <= fig["layer_forward_token_s"]:
+        bad.append("layer_train_token_s <= layer_forward_token_s (a backward at no cost)")
+    p = profile_fields(fig)
+    bad += [f"{k} {p[k]:.3g} not in (0, 2]" for k in ("tp_speedup", "tp_backward_speedup") if not 0 < p[k] <= 2]
+    if p["collective_latency_s"] < fig["allreduce_loop_latency_s"]:
+        bad.append(f"collective_latency_s {p['collective_latency_s']:.3g} below a loop's all-reduce "
+                   f"{fig['allreduce_loop_latency_s']:.3g}")
+    return bad
 
 
 def _collective_in_pass_s(fig: dict) -> float:
@@ -416,9 +463,19 @@ def main() -> None:
     fig = {"matmul_flops_microbatch": matmul_flops(1024, 96, 256), "matmul_flops_large": matmul_flops(2048, 2048, 2048),
            "memory_bytes_per_s": memory_bandwidth(), "filesystem_bytes_per_s": filesystem_bandwidth(),
            "ot_seconds_per_window": ot_window_seconds()}
-    fig.update(run_on_ranks(layer_pass_job, 1, timeout=300)[0])
     fig.update(run_on_ranks(gloo_job, 2, timeout=300)[0])
-    fig.update(run_on_ranks(tp_layer_job, 2, timeout=300)[0])
+    for attempt in range(1, TRAINER_ATTEMPTS + 1):
+        fig.update(run_on_ranks(layer_pass_job, 1, timeout=300)[0])
+        fig.update(run_on_ranks(tp_layer_job, 2, timeout=300)[0])
+        bad = unphysical(fig)
+        fig["trainer_attempts"] = attempt
+        if not bad:
+            break
+        print(f"attempt {attempt}: unphysical trainer figures ({'; '.join(bad)}): measuring them again",
+              file=sys.stderr, flush=True)
+    else:
+        raise SystemExit(f"the trainer figures stayed unphysical over {TRAINER_ATTEMPTS} attempts ({'; '.join(bad)}):"
+                         " the machine is too loaded to calibrate; pause what runs beside it and run again")
     if not args.skip_sglang:
         fig.update(sglang_decode(root))
     fig["cpu"] = _cpu_name()

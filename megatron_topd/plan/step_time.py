@@ -67,6 +67,10 @@ class TopdStep:
     variant: str = "topd"
     guidance_layout: str = "rows"  # rows | shared_prefix (train.guidance_layout as resolved)
     dtype_bytes: int = 2  # weights and activations (bf16; the CPU demo runs fp32)
+    # a replica's rollout microbatches as the trainer packs its rows (train/batches.py pack_rows: longest first,
+    # within the token budget and 10% padding, so rows of unequal length need more than the mean row's count);
+    # None: the mean row's count
+    rollout_microbatches: float | None = None
 
     @property
     def longest(self) -> int:
@@ -161,7 +165,7 @@ def step_time(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, ste
     bubble = pipeline_bubble(layout, microbatches_per_step, colocated)
     kw = dict(layout=layout, device=device, seq=seq, fp8=fp8, dtype_bytes=step.dtype_bytes,
               group=layout.teacher_group_microbatches if colocated else 10**9)
-    rollout_mbs = _microbatches(rows_per_replica, step.row_tokens, budget)
+    rollout_mbs = step.rollout_microbatches or _microbatches(rows_per_replica, step.row_tokens, budget)
     windows = step.windows
     if step.variant != "opd":
         scoring = _pass_seconds(student, rollout_tokens, rollout_mbs, train=False, recompute=False, loss_calls=1,

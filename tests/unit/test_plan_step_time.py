@@ -96,3 +96,26 @@ def test_backward_splits_over_tp_at_its_own_speed_up():
     backward = step.rows * step.row_tokens * forward_flops_per_token(SPEC, 16384) * H100.backward_ratio
     per_rank_rate = LAYOUT.dp * H100.flops * trainer_mfu(LAYOUT)
     assert none - even == pytest.approx(backward * (1 - 1 / 8) / per_rank_rate)  # TP8: 3 doublings
+
+
+def test_scoring_takes_the_rollout_microbatches_the_trainer_packs():
+    """Rows of unequal length pack into more microbatches than the mean row (train/batches.py pack_rows keeps
+    padding within 10%); a step that states its count is charged per microbatch of that count. Per-call costs
+    only (no FLOPs, no bytes): each microbatch pays each model's pass outside its layers, its layers and its
+    all-reduces; each group of 2 microbatches one schedule call per model."""
+    calls_only = replace(CPU_LIKE, flops=float("inf"), model_forward_token_s=0.0, collective_bytes_per_s=float("inf"),
+                         model_forward_s=1e-3, layer_forward_s=2e-3, collective_latency_s=0.5e-3,
+                         schedule_call_s=4e-3)
+    layout = Layout(tp=2, max_tokens_per_microbatch=1024, teacher_group_microbatches=2)
+    step = TopdStep(rows=64, prompt_tokens=10, response_tokens=43, longest_response=46, window=8,
+                    student_servers=1, decode_batch=64, guidance_layout="shared_prefix", dtype_bytes=4)
+
+    def scoring(s):
+        return step_time(TINY, TINY, layout, s, seq=128, microbatches_per_step=1, gpus_per_node=1,
+                         device=calls_only).phases["scoring"]
+
+    # TINY: 2 layers; the student's pass: 2 x 2 layer all-reduces, the embedding's, the loss call's 2; the
+    # teacher's the same less the loss call's
+    per_mb = (1e-3 + 2 * 2e-3 + (5 + 2) * 0.5e-3) + (1e-3 + 2 * 2e-3 + 5 * 0.5e-3)
+    assert scoring(step) == pytest.approx(4 * per_mb + 2 * 2 * 4e-3)  # 64 rows of 53 tokens: 18 per microbatch
+    assert scoring(replace(step, rollout_microbatches=5)) == pytest.approx(5 * per_mb + 2 * 3 * 4e-3)
