@@ -28,7 +28,7 @@ two runs, as around an unmapped special token). Text the teacher cannot spell ra
 the student token and the character.
 
 TOPD's probe across tokenizers (train/cross_probe.py) uses `retokenize` (a prefix written in the teacher's tokens, a
-window written back in the student's) and `probe_position` (a candidate moved to its span's first student token).
+window written back in the student's) and `probe_span` (a candidate moved to its span's first student token).
 
 Sizes: per response O(n_student + n_teacher) Python integers; nothing grows with the vocabulary.
 """
@@ -439,13 +439,20 @@ def retokenize(ids: Sequence[int], from_tok, to_tok, *, special_map: Mapping[int
     return align_response(ids, from_tok, to_tok, special_map=special_map, row=row).teacher_ids
 
 
-def probe_position(alignment: Alignment, t: int) -> int | None:
-    """Where a candidate at response token ``t`` is probed: the first student token of its span, so the probe's
-    prefix ends where both tokenizations have a boundary (a prefix cut inside a span - student "1" of teacher "12" -
-    would hand the teacher a tokenization it never sees, "1" followed by "2"); None when the span has no teacher
-    signal (unmapped special token, bytes that are not UTF-8, an incomplete last character)."""
+def probe_span(alignment: Alignment, t: int) -> range | None:
+    """The student tokens of the span holding response token ``t``: a candidate at t is probed from the span's
+    first token, so the probe's prefix ends where both tokenizations have a boundary (a prefix cut inside a span -
+    student "1" of teacher "12" - would hand the teacher a tokenization it never sees, "1" followed by "2"), and its
+    suppression weight covers all of them (the span's signal is spread over them). None when the span has no
+    teacher signal (unmapped special token, bytes that are not UTF-8, an incomplete last character)."""
     span = alignment.spans[int(alignment.student_span_index()[t])]
-    return span.student_start if span.aligned else None
+    return range(span.student_start, span.student_end) if span.aligned else None
+
+
+def probe_position(alignment: Alignment, t: int) -> int | None:
+    """Where a candidate at response token ``t`` is probed: the first student token of its span (`probe_span`)."""
+    span = probe_span(alignment, t)
+    return None if span is None else span.start
 
 
 # ---------------------------------------------------------------------------------------------------------------

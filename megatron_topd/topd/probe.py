@@ -71,9 +71,11 @@ def run_probe(
     suppression over all its ranks' candidates (every rank of it must call; None = this call's candidates only).
     ``student_servers[b]``: the student server that generated sequence b (`Generation.server`), handed to the student
     sampler as a routing hint, so each window's prefix is continued where its KV is cached.
-    ``place_candidates(candidates) -> candidates`` (a teacher of another tokenizer, train/cross_probe.py; the same
-    on every rank): where each selected candidate is probed; its samplers may answer None for a candidate they
-    cannot continue in the student's tokens, which then drops out (no distance, weight, or guidance).
+    ``place_candidates(candidates) -> (candidates, span lengths)`` (a teacher of another tokenizer,
+    train/cross_probe.py; the same on every rank): where each selected candidate is probed, and for a placed
+    candidate ``(b, t)`` the number of tokens from t that share its weight (its span's student tokens: a suppressed
+    span loses its whole signal); its samplers may answer None for a candidate they cannot continue in the
+    student's tokens, which then drops out (no distance, weight, or guidance).
     """
     cfg.validate()
     if tokens.shape != token_loss.shape:
@@ -86,8 +88,9 @@ def run_probe(
         candidates = select_candidates(
             token_loss, response_mask, top_k=None, min_gap=cfg.candidate_gap, fraction=cfg.candidate_fraction
         )
+    spans: dict[tuple[int, int], int] = {}
     if place_candidates is not None:
-        candidates = place_candidates(candidates)
+        candidates, spans = place_candidates(candidates)
     requests = build_requests(tokens, candidates)
     t0 = time.perf_counter()
     hints = None if student_servers is None else [student_servers[b] for b, _ in requests.owners]
@@ -122,11 +125,20 @@ def run_probe(
         ot_distances=div.distance,
         candidate_weights=weights,
         divergent=divergent,
-        token_weights=token_weights(response_mask, candidates, weights),
+        token_weights=spread_over_spans(token_weights(response_mask, candidates, weights), spans),
         guidance=guidance,
         timings=timings,
         ot_stats=ot_statistics(everyone, all_divergent),
     )
+
+
+def spread_over_spans(weights: torch.Tensor, spans: dict[tuple[int, int], int]) -> torch.Tensor:
+    """Each candidate's weight ``weights[b, t]`` on the ``n`` tokens ``t .. t + n - 1`` of ``spans[(b, t)]``
+    (in place; a dropped candidate's position holds 1, so spreading it changes nothing)."""
+    for (b, t), n in spans.items():
+        if n > 1:
+            weights[b, t + 1 : t + n] = weights[b, t]
+    return weights
 
 
 def gather_distances(local: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:

@@ -6,7 +6,7 @@ written in the student's tokens.
                                                        asks=asks)
     run_probe(..., teacher=teacher_side, student=student_side, place_candidates=place)
 
-- **Where**: a candidate moves to the first student token of its span (`probe_position`), so the probe's prefix ends
+- **Where**: a candidate moves to the first student token of its span (`probe_span`), so the probe's prefix ends
   where both tokenizations have a boundary; a candidate in a span without a teacher signal is not probed.
 - **Teacher side** (`TeacherWindows`, a `ContinuationSampler` over the student's ids): the prefix's prompt becomes
   the teacher's rendering of the same dataset row (`CrossTokenizerTeacher.prompt_for`, remembered by rank 0 when it
@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from megatron_topd import parallel
 from megatron_topd.rollout.validation import longest_input
-from megatron_topd.topd.cross_tokenizer import AlignmentError, align_response, probe_position, retokenize
+from megatron_topd.topd.cross_tokenizer import AlignmentError, align_response, probe_span, retokenize
 from megatron_topd.train.teacher import CrossTokenizerTeacher
 
 
@@ -89,11 +89,13 @@ def teacher_prompts(teacher: CrossTokenizerTeacher, prompts: Sequence[Sequence[i
     return {key: answer[key] for key in mine}
 
 
-def place_candidates(teacher: CrossTokenizerTeacher, rows, candidates: list[list[int]]) -> list[list[int]]:
-    """Each candidate (token-aligned, in prompt + response) at the start of its span; candidates whose span has no
-    teacher signal, or whose response cannot be aligned at all, leave; two landing on one start become one. The
-    same on every rank (every rank holds both tokenizers)."""
-    out = []
+def place_candidates(teacher: CrossTokenizerTeacher, rows,
+                     candidates: list[list[int]]) -> tuple[list[list[int]], dict[tuple[int, int], int]]:
+    """Each candidate (token-aligned, in prompt + response) at the start of its span (`probe_span`); candidates
+    whose span has no teacher signal, or whose response cannot be aligned at all, leave; two landing on one start
+    become one. Also each placed candidate's number of span tokens, which its suppression weight covers
+    (`run_probe`). The same on every rank (every rank holds both tokenizers)."""
+    out, spans = [], {}
     for b, ts in enumerate(candidates):
         start = len(rows.prompts[b])
         try:
@@ -102,9 +104,14 @@ def place_candidates(teacher: CrossTokenizerTeacher, rows, candidates: list[list
         except AlignmentError:
             out.append([])
             continue
-        moved = [probe_position(al, t - start) for t in ts]
-        out.append(list(dict.fromkeys(start + p for p in moved if p is not None)))
-    return out
+        placed: dict[int, int] = {}  # probe position -> its span's student tokens, in the candidates' order
+        for t in ts:
+            span = probe_span(al, t - start)
+            if span is not None:
+                placed.setdefault(start + span.start, len(span))
+        out.append(list(placed))
+        spans.update({(b, t): n for t, n in placed.items()})
+    return out, spans
 
 
 class TeacherWindows:

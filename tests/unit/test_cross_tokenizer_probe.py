@@ -1,4 +1,4 @@
-"""TOPD's probe across tokenizers (train/cross_probe.py, topd/cross_tokenizer.py `retokenize` / `probe_position`;
+"""TOPD's probe across tokenizers (train/cross_probe.py, topd/cross_tokenizer.py `retokenize` / `probe_span`;
 issue 27): prefixes written in the teacher's tokens, windows written back in the student's, candidates probed at
 span starts, candidates that cannot be written dropped and counted, and the guidance rows' hard targets.
 
@@ -157,6 +157,12 @@ def test_probe_across_tokenizers_places_maps_and_drops(toks):
     assert teacher.dropped_candidates == 1  # row 1's candidate: no room in the teacher's context
     assert teacher.step_metrics(SimpleNamespace(teacher=[]))["cross_tokenizer_dropped_candidates"] == 1.0
     assert teacher.dropped_candidates == 0  # counted once
+    suppress = TopdConfig(variant="opd_suppress", top_k=1, min_gap=1, window=6, threshold=2.0)  # 1 - cos < 2: all
+    weights = run_probe(tokens, loss, mask, suppress, teacher=teacher_side, student=student_side,
+                        embed=embedding_lookup(table), pad_id=char.pad_token_id, seed=5,
+                        place_candidates=place).token_weights
+    span = [len(prompt) + start, len(prompt) + start + 1]  # "h" and "e": both carry the span's signal
+    assert weights[0, span].tolist() == [0.0, 0.0] and weights.sum() == weights.numel() - 2
 
     (prefix,) = probe.requests.prefixes
     t_prefix = teacher_side.teacher_prefix(prefix)
@@ -182,8 +188,9 @@ def test_place_candidates_drops_spans_without_signal_and_merges(toks):
     rows = RolloutRows([prompt], [resp], [[0.0] * len(resp)])
     al = align_response(resp, c, a)  # the BPE writes "the cat" as t|he|Ġc|at
     assert [probe_position(al, t) for t in range(len(resp))] == [0, 1, 1, 3, 3, 5, 5, None, 8, 9]  # t|he| c|at, then a|b
-    got = place_candidates(teacher, rows, [[len(prompt) + 2, len(prompt) + 1, len(prompt) + 7, len(prompt) + 6]])
+    got, spans = place_candidates(teacher, rows, [[len(prompt) + 2, len(prompt) + 1, len(prompt) + 7, len(prompt) + 6]])
     assert got == [[len(prompt) + 1, len(prompt) + 5]]  # "h" and "e" share the span "he"; <unk> has no teacher token
+    assert spans == {(0, len(prompt) + 1): 2, (0, len(prompt) + 5): 2}  # the student tokens of "he" and "at"
 
 
 def test_hard_targets_give_the_cross_entropy_of_the_window_token():
