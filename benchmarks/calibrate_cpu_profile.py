@@ -8,7 +8,8 @@ apart from any TOPD step, on one thread per process as the demo runs (OMP_NUM_TH
   outside the layers (embedding, output layer), from a 1-layer and a 3-layer GPTModel on one rank and at TP=2;
   one Megatron schedule call (alternating with the bare forward it wraps); one step of the trainer's Megatron
   optimizer (Adam) on the 3-layer model. These trainer figures are checked against physics (`unphysical`: no cost
-  below 0, a TP=2 rank at most 2x as fast as one rank) and measured again, up to 3 times, where load broke them;
+  below 0) and measured again, up to 3 times, where load broke them; a TP=2 rank's speed-up over one rank is
+  bounded by 2 (`TP_DOUBLING_BOUND`), the measured one printed beside it;
 - gloo between two processes: an all-reduce's latency (one float, back to back) and bandwidth (4 MB); the profile's
   collective latency is what an all-reduce costs inside a pass (the TP=2 layer's calls against the TP=1 layer's);
 - a SGLang CPU server (the tiny random student of megatron_topd/testing, the demo's server settings): seconds per
@@ -381,11 +382,26 @@ def profile_fields(fig: dict) -> dict:
         "inter_node_bytes_per_s": fig["collective_bytes_per_s"],
         "collective_latency_s": _collective_in_pass_s(fig),
         **({"weight_load_bytes_per_s": _weight_load_rate(fig)} if "weight_update_seconds_per_byte" in fig else {}),
-        **({"tp_speedup": fig["layer_forward_token_s"] / _tp2_compute_token_s(fig, "forward"),
-            "tp_backward_speedup": (fig["layer_train_token_s"] - fig["layer_forward_token_s"])
-            / (_tp2_compute_token_s(fig, "train") - _tp2_compute_token_s(fig, "forward"))}
+        **({k: min(TP_DOUBLING_BOUND, v) for k, v in tp_speedups(fig).items()}
            if "tp2_layer_forward_token_s" in fig else {}),
     }
+
+
+# A TP doubling halves each rank's share of a layer's work, so the share runs at most 2x as fast as the whole: the
+# profile takes the measured speed-up up to that bound. On this machine the d96 layer's backward measured 2.1-3.7x
+# in all four calibrations of Dec 7 taken with the background experiment paused (05:26: a TP=1 rank's backward per
+# token 2.9x its forward, a TP=2 rank's 0.9x; 2.95, 2.65, 2.11 at 08:05-08:07): not noise, but not a split of the
+# work either (the small layer's caches or its all-reduces' waits), and not what the large layers the model plans
+# for would show.
+TP_DOUBLING_BOUND = 2.0
+
+
+def tp_speedups(fig: dict) -> dict[str, float]:
+    """How much faster a TP=2 rank runs its share per token than one rank runs the whole d96 layer, forward and
+    backward, as measured (the all-reduces' bytes taken out: the model counts them apart)."""
+    return {"tp_speedup": fig["layer_forward_token_s"] / _tp2_compute_token_s(fig, "forward"),
+            "tp_backward_speedup": (fig["layer_train_token_s"] - fig["layer_forward_token_s"])
+            / (_tp2_compute_token_s(fig, "train") - _tp2_compute_token_s(fig, "forward"))}
 
 
 TRAINER_ATTEMPTS = 3
@@ -393,16 +409,16 @@ TRAINER_ATTEMPTS = 3
 
 def unphysical(fig: dict) -> list[str]:
     """The trainer figures no machine can have (what noise under load produced before: per-call costs below 0, a
-    TP=2 rank's backward 3.7x as fast as TP=1's): every cost at least 0, a backward costs something, a rank of a
-    TP=2 layer runs its share at most 2x as fast as one rank runs the whole layer, an all-reduce inside a pass costs
-    at least what one costs in a loop. Empty when the figures are physical."""
+    TP=2 rank slower than nothing): every cost at least 0, a backward costs something, a TP=2 rank's share takes
+    time, an all-reduce inside a pass costs at least what one costs in a loop. Empty when the figures are physical.
+    (A speed-up above 2 per TP doubling the profile bounds: `TP_DOUBLING_BOUND`.)"""
     bad = [f"{k} {fig[k]:.3g} < 0" for k in ("layer_forward_s", "layer_train_s", "layer_forward_token_s",
                                              "layer_train_token_s", "tp2_layer_forward_token_s",
                                              "tp2_layer_train_token_s", "optimizer_step_s") if fig[k] < 0]
     if fig["layer_train_token_s"] <= fig["layer_forward_token_s"]:
         bad.append("layer_train_token_s <= layer_forward_token_s (a backward at no cost)")
     p = profile_fields(fig)
-    bad += [f"{k} {p[k]:.3g} not in (0, 2]" for k in ("tp_speedup", "tp_backward_speedup") if not 0 < p[k] <= 2]
+    bad += [f"{k} {v:.3g} <= 0" for k, v in tp_speedups(fig).items() if v <= 0]
     if p["collective_latency_s"] < fig["allreduce_loop_latency_s"]:
         bad.append(f"collective_latency_s {p['collective_latency_s']:.3g} below a loop's all-reduce "
                    f"{fig['allreduce_loop_latency_s']:.3g}")
@@ -469,6 +485,7 @@ def main() -> None:
         fig.update(run_on_ranks(tp_layer_job, 2, timeout=300)[0])
         bad = unphysical(fig)
         fig["trainer_attempts"] = attempt
+        fig.update({f"{k}_measured": v for k, v in tp_speedups(fig).items()})
         if not bad:
             break
         print(f"attempt {attempt}: unphysical trainer figures ({'; '.join(bad)}): measuring them again",
