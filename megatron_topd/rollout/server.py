@@ -63,6 +63,10 @@ _LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
 
 
+# What uvicorn logs when the HTTP port is taken (SGLang binds it only after loading the model).
+HTTP_BIND_ERROR = "error while attempting to bind on address"
+
+
 class SGLangServer:
     """One SGLang HTTP server process. Use as a context manager, or call `start()` / `wait_healthy()` / `stop()`."""
 
@@ -225,11 +229,23 @@ class SGLangServer:
             code = self.proc.poll() if self.proc else None
             if code is not None:
                 self._finish_log()  # all it wrote, before the log is read
-            if code is not None and self._port_retries > 0 and "address already in use" in self._this_attempts_log():
+            log = self._this_attempts_log() if self.proc is not None else ""
+            # uvicorn's bind error is final, but SGLang then takes ~10 s to exit (its warm-up request times out):
+            # a server that cannot bind its HTTP port is stopped at once, not waited for.
+            http_bind_failed = HTTP_BIND_ERROR in log
+            if (code is not None or http_bind_failed) and self._port_retries > 0 and "address already in use" in log:
                 self._port_retries -= 1
                 self._restart_on_a_new_port()
                 deadline = time.monotonic() + (self.startup_timeout_s if timeout_s is None else timeout_s)
                 continue
+            if http_bind_failed:
+                url = self.url
+                self.stop()
+                raise ServerStartError(
+                    f"SGLang server {url} could not bind its port {self.port} (log: {self.log_path}): the port was "
+                    "given, so it is not changed; give a free port or none (one is picked).\n"
+                    f"--- log tail ---\n{self.log_tail()}"
+                )
             if self.proc is None or code is not None:
                 raise ServerStartError(
                     f"SGLang server {self.url} exited with code {code} before becoming healthy "
