@@ -82,9 +82,10 @@ def filesystem_bandwidth() -> float:
         return len(data) / _best(write, reps=3)
 
 
-def ot_window_seconds(k: int = 8, candidates: int = 192) -> float:
-    """Seconds per candidate of `topd.divergence.window_divergence` on one rank (what the probe's OT step runs:
-    embedding rows, the batched cosine costs, the exact solve), K-token windows of random ids, a d96 table."""
+def ot_window_seconds(k: int = 8, candidates: int = 192, group=None) -> float:
+    """Seconds per candidate of `topd.divergence.window_divergence` (what the probe's OT step runs: embedding rows,
+    the batched cosine costs, the exact solve), K-token windows of random ids, a d96 table; on one rank, or with
+    the pairs dealt over ``group``'s ranks (every rank calls it) and the distances' all-reduce."""
     import torch
 
     from megatron_topd.topd.divergence import window_divergence
@@ -92,8 +93,8 @@ def ot_window_seconds(k: int = 8, candidates: int = 192) -> float:
     gen = torch.Generator().manual_seed(0)
     table = torch.randn(128, 96, generator=gen)
     windows = [[[int(x) for x in torch.randint(3, 60, (k,), generator=gen)]] for _ in range(2 * candidates)]
-    return _best(lambda: window_divergence(windows[:candidates], windows[candidates:], lambda ids: table[ids]),
-                 reps=5) / candidates
+    return _best(lambda: window_divergence(windows[:candidates], windows[candidates:], lambda ids: table[ids],
+                                           group=group), reps=5) / candidates
 
 
 def _zero_loss(logits, batch):
@@ -164,9 +165,13 @@ def _per_call_and_token(t: dict, prefix: str = "") -> dict:
 
 def tp_layer_job(checkpoints: bool = True) -> dict:
     """Two ranks at TP=2: the d96 layer's per-rank costs (its all-reduces included): how a small layer's per-token
-    work splits over TP ranks; and the dist checkpoint's save of those models with their optimizer state."""
+    work splits over TP ranks; the OT step's pairs dealt over the two ranks; and the dist checkpoint's save of
+    those models with their optimizer state."""
+    from megatron_topd import parallel
+
     t, models = _layer_times(2)
     out = _per_call_and_token(t, prefix="tp2_")
+    out["tp2_ot_seconds_per_window"] = ot_window_seconds(group=parallel.tensor_parallel_group())
     if checkpoints:
         out.update(_checkpoint_seconds(models))
     return out
@@ -384,6 +389,8 @@ def profile_fields(fig: dict) -> dict:
         **({"weight_load_bytes_per_s": _weight_load_rate(fig)} if "weight_update_seconds_per_byte" in fig else {}),
         **({k: min(TP_DOUBLING_BOUND, v) for k, v in tp_speedups(fig).items()}
            if "tp2_layer_forward_token_s" in fig else {}),
+        **({"ot_tp_speedup": min(TP_DOUBLING_BOUND, fig["ot_seconds_per_window"] / fig["tp2_ot_seconds_per_window"])}
+           if "tp2_ot_seconds_per_window" in fig else {}),
     }
 
 

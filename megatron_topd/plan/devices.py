@@ -47,13 +47,15 @@ class DeviceProfile:
     checkpoint_call_s: float = 0.0  # one dist checkpoint save apart from its bytes (its plan, metadata, barriers)
     checkpoint_layer_s: float = 0.0  # each layer's share of a save apart from its bytes (its sharded tensors)
     ot_seconds_per_window: float = 2e-3  # one window pair's costs and exact EMD on one core (topd/divergence.py)
+    ot_tp_speedup: float = 2.0  # how much faster a rank solves its share of the pairs dealt over a TP doubling
 
 
 # The H100's host-side costs are this machine's (the same Python: SGLang's HTTP server, tokenizer manager and
 # scheduler for a sync's calls; Megatron's dist checkpointing for a save's plan and metadata), rounded up from
 # calibrate_cpu_profile.py's figures in three calibrations (light call 2.3-3.6 ms, one more bucket 4.6-18 ms, the
 # rest of a sync 0-18 ms, a save 0.2-0.53 s + 0.05-0.09 s per layer): a GPU node's host cores are no slower. A server loads a received bucket into its weights with a
-# device-to-device copy (each byte read and written: half the HBM bandwidth).
+# device-to-device copy (each byte read and written: half the HBM bandwidth). OT's pairs split evenly over the TP
+# ranks (`ot_tp_speedup` 2, the default): each rank solves its share on its own host core.
 H100 = DeviceProfile(
     name="H100 SXM (data sheet: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM; 400 Gb/s per node; 20 GB/s filesystem)",
     flops=989e12, fp8_speedup=2.0, memory_bytes_per_s=3.35e12, decode_efficiency=0.6, prefill_mfu=0.5,

@@ -14,7 +14,7 @@ on a `DeviceProfile` (H100 by default), with the step's token counts:
   student's server decodes its K tokens on cached prefixes. Both are asked at once (topd/probe.py): the phase is
   the slower of the two;
 - OT: per window pair its K x K cosine costs and exact EMD, split over the tensor-parallel ranks of each replica
-  (topd/divergence.py; at the device's `tp_speedup`), and that split's two all-reduces;
+  (topd/divergence.py; at the device's `ot_tp_speedup`), and that split's two all-reduces;
 - training pass: the co-located teacher's forward again, the student's forward and backward over the rollouts and
   the guidance rows (``rows``: prefix + window each, as under Transformer Engine; ``shared_prefix``: K tokens per
   window inside its rollout row, Megatron's local layers);
@@ -187,7 +187,7 @@ def step_time(student: ModelSpec, teacher: ModelSpec | None, layout: Layout, ste
         out.detail.update(parts)
         out.phases["windows"] = max(parts.values())  # both servers are asked at once
         # each replica's pairs dealt over its TP ranks; the embedding lookup's and the results' all-reduces
-        out.phases["ot"] = windows * device.ot_seconds_per_window / (layout.dp * device.tp_speedup ** math.log2(
+        out.phases["ot"] = windows * device.ot_seconds_per_window / (layout.dp * device.ot_tp_speedup ** math.log2(
             layout.tp)) + \
             (2 * device.collective_latency_s if layout.tp > 1 else 0.0)
     train_tokens, train_mbs = float(rollout_tokens), rollout_mbs

@@ -119,3 +119,15 @@ def test_scoring_takes_the_rollout_microbatches_the_trainer_packs():
     per_mb = (1e-3 + 2 * 2e-3 + (5 + 2) * 0.5e-3) + (1e-3 + 2 * 2e-3 + 5 * 0.5e-3)
     assert scoring(step) == pytest.approx(4 * per_mb + 2 * 2 * 4e-3)  # 64 rows of 53 tokens: 18 per microbatch
     assert scoring(replace(step, rollout_microbatches=5)) == pytest.approx(5 * per_mb + 2 * 3 * 4e-3)
+
+
+def test_ot_splits_its_pairs_over_tp_at_its_own_speed_up():
+    """OT: every window pair's costs and solve, dealt over the TP ranks at the device's `ot_tp_speedup` per TP
+    doubling (not the layers' `tp_speedup`), and the split's two all-reduces (the embedding lookup's, the
+    distances')."""
+    layout = Layout(tp=2, max_tokens_per_microbatch=1024, teacher_group_microbatches=2)
+    step = TopdStep(rows=64, prompt_tokens=10, response_tokens=43, window=8, student_servers=1, dtype_bytes=4)
+    device = replace(CPU_LIKE, ot_seconds_per_window=40e-6, ot_tp_speedup=1.25, tp_speedup=2.0,
+                     collective_latency_s=1e-3)
+    est = step_time(TINY, TINY, layout, step, seq=128, microbatches_per_step=1, gpus_per_node=1, device=device)
+    assert est.phases["ot"] == pytest.approx(64 * 3 * 40e-6 / 1.25 + 2 * 1e-3)  # 192 windows
