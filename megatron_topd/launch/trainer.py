@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return by_file or by_time or bool(lost)
 
     preemption.install(stop_check=stop_check)
-    code, failed = 1, 0
+    code, failed, serving = 1, 0, False
     try:
         endpoints.use_api_key(root)  # its clients and weight sync send the servers' key (servers it starts need it)
         from megatron_topd.launch.snapshot import code_dir
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MASTER_ADDR", nodes[0])
         os.environ.setdefault("MASTER_PORT", str(lc.ports(endpoints.job_id())[0]))
         extra = handoff_overrides(data, lc, root, logs, nodes)
+        serving = lc.role_split  # from here on a failure may come from a server that died
         if rank() == 0 and extra:
             print(f"[trainer {endpoints.node_name()}] servers: {' '.join(extra)}", flush=True)
 
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:  # noqa: BLE001 - report, tell the servers, exit non-zero
         traceback.print_exc()
         code = failed = 1
-        lost = server_loss.reported(root, within_s=10)  # a call to a dead server may fail before its role says so
+        # A call to a dead server can fail before its role has said so: wait for the report, once servers served.
+        lost = server_loss.reported(root, within_s=10 if serving else 0)
         if lost:  # this rank's call to it failed; every rank still waiting in a collective is ended by srun
             code, message = server_loss.decide(out, lost, lc.max_server_requeues)
             print(f"[trainer {endpoints.node_name()}] {message}", flush=True)
