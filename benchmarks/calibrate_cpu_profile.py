@@ -395,11 +395,11 @@ def profile_fields(fig: dict) -> dict:
 
 
 # A TP doubling halves each rank's share of a layer's work, so the share runs at most 2x as fast as the whole: the
-# profile takes the measured speed-up up to that bound. On this machine the d96 layer's backward measured 2.1-3.7x
-# in all four calibrations of Dec 7 taken with the background experiment paused (05:26: a TP=1 rank's backward per
-# token 2.9x its forward, a TP=2 rank's 0.9x; 2.95, 2.65, 2.11 at 08:05-08:07): not noise, but not a split of the
-# work either (the small layer's caches or its all-reduces' waits), and not what the large layers the model plans
-# for would show.
+# profile takes the measured speed-up up to that bound. On this machine, with the background experiment paused, the
+# d96 layer's backward measured 3.72x at 05:26 (a TP=1 rank's backward per token 2.9x its forward, a TP=2 rank's
+# 0.9x), 2.95, 2.65 and 2.11x at 08:05-08:07, 2.03x at 08:16 and 1.51x at 08:26 (Dec 7): it swings with the
+# machine's state by more than the line fits' noise, and above 2 it is not a split of the work (the small layer's
+# caches, its all-reduces' waits), nor what the large layers the model plans for would show.
 TP_DOUBLING_BOUND = 2.0
 
 

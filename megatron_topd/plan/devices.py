@@ -63,27 +63,27 @@ H100 = DeviceProfile(
     weight_load_bytes_per_s=3.35e12 / 2, filesystem_bytes_per_s=20e9, checkpoint_call_s=0.5, checkpoint_layer_s=0.1,
     ot_seconds_per_window=2e-3)
 
-# benchmarks/calibrate_cpu_profile.py on this machine (AMD EPYC, 2 cores, one thread per process), Dec 7 2026 04:09
-# (`--from-json` of that run derives these fields): a d96 Megatron local layer reaches 59 GFLOP/s per token of
-# forward (GEMMs alone: 61-89 GFLOP/s) and costs 0.93 ms per call (2.0 ms with backward; the backward 3.2x the
-# forward per token), 3.7 us per token outside the layers; an optimizer step 4.1 ms; DRAM 22 GB/s; a collective
-# inside a pass 1.9 ms (a TP=2 layer's calls over a TP=1 layer's, per all-reduce; back to back: 0.48 ms), gloo
-# 0.85 GB/s; at TP=2 a rank's forward work runs 0.73x as fast per token as at TP=1, its backward 0.89x, not 2x;
-# SGLang CPU decode step 4.0 ms + 0.26 ms per running sequence, 2.6 ms per prefilled request; a sync's light call
-# 3.6 ms, one more bucket 4.6 ms, 17 ns per bucket byte (16 ns of it the server's load), the rest of a sync 6.2 ms;
-# a dist checkpoint save 0.53 s + 0.047 s per layer (the first of a process 3.3 s); OT 46 us per window pair (K=8);
-# filesystem 0.95 GB/s. Calibrations 30 minutes apart on this shared machine differ by 30-50% per figure, and two
-# taken under heavy load came out unphysical (04:39: negative per-call costs; 05:01: a TP=2 rank faster per token
-# than a TP=1 layer): docs/planning.md.
+# benchmarks/calibrate_cpu_profile.py on this machine (AMD EPYC, 2 cores, one thread per process), Dec 7 2026 08:26
+# (the calibration of `make bench-step-model`'s final run, the background experiment paused; docs/planning.md): a d96
+# Megatron local layer reaches 49 GFLOP/s per token of forward, its backward 3.3x the forward per token, 0.89 ms per
+# forward call; 0.78 ms per model call outside the layers, 0.33 us per token; a schedule call 0.14 ms; an optimizer
+# step 4.1 ms; a collective inside a pass 1.9 ms (a TP=2 layer's calls over a TP=1 layer's, per all-reduce; back to
+# back: 0.30 ms), gloo 1.0 GB/s; at TP=2 a rank runs its forward share 1.39x as fast per token as one rank the
+# whole layer, its backward 1.51x, its share of OT's pairs 1.20x; SGLang CPU decode step 2.9 ms + 0.14 ms per running
+# sequence, 1.3 ms per prefilled request; a sync's light call 1.2 ms, one more bucket 3.6 ms, the rest of a sync
+# 8.5 ms; a dist checkpoint save 0.32 s + 0.011 s per layer (the first of a process 2.4 s); OT 38 us per window pair
+# (K=8); DRAM 19 GB/s; filesystem 1.4 GB/s. Per-call intercepts are the least noisy they have been but still noisy
+# (this run's layer_train_s, 0.30 ms, came out below its layer_forward_s); calibrations 30 minutes apart differ by
+# 20-50% per figure.
 CPU_2CORE = DeviceProfile(
     name="CPU, 2 cores (AMD EPYC; benchmarks/calibrate_cpu_profile.py)",
-    mfu_from_layout=False, flops=5.94e+10, backward_ratio=3.21, tp_speedup=0.733, tp_backward_speedup=0.889,
-    memory_bytes_per_s=2.15e+10, decode_step_overhead_s=0.00396, decode_seq_step_s=0.000257,
-    prefill_request_s=0.00259, server_light_call_s=0.00361, weight_update_call_s=0.00464, weight_sync_rest_s=0.00619,
-    layer_forward_s=0.000932, layer_train_s=0.002, model_forward_s=6.7e-05, model_train_s=0.000575,
-    model_forward_token_s=3.71e-06, schedule_call_s=6.33e-05, optimizer_step_s=0.00413, collective_latency_s=0.00187,
-    collective_bytes_per_s=8.49e+08, inter_node_bytes_per_s=8.49e+08, weight_load_bytes_per_s=6.2e+07,
-    filesystem_bytes_per_s=9.48e+08, checkpoint_call_s=0.53, checkpoint_layer_s=0.0466,
-    ot_seconds_per_window=4.6e-05)
+    mfu_from_layout=False, flops=4.93e+10, backward_ratio=3.32, tp_speedup=1.39, tp_backward_speedup=1.51,
+    memory_bytes_per_s=1.87e+10, decode_step_overhead_s=0.00286, decode_seq_step_s=0.000138,
+    prefill_request_s=0.00132, server_light_call_s=0.0012, weight_update_call_s=0.00361, weight_sync_rest_s=0.00848,
+    layer_forward_s=0.000888, layer_train_s=0.000297, model_forward_s=0.000781, model_train_s=0.000934,
+    model_forward_token_s=3.25e-07, schedule_call_s=0.000145, optimizer_step_s=0.00411, collective_latency_s=0.00189,
+    collective_bytes_per_s=1.02e+09, inter_node_bytes_per_s=1.02e+09, weight_load_bytes_per_s=1.16e+09,
+    filesystem_bytes_per_s=1.42e+09, checkpoint_call_s=0.324, checkpoint_layer_s=0.0112,
+    ot_seconds_per_window=3.83e-05, ot_tp_speedup=1.2)
 
 PROFILES = {"h100": H100, "cpu": CPU_2CORE}
