@@ -62,7 +62,7 @@ clean-env:
 	rm -rf $(VENV) $(VENV_SGLANG) $(VENV_NEMORUN)
 
 # The step-time model against a measured CPU demo step, phase by phase (issue 24, docs/planning.md): the CPU profile
-# calibrated, then the demo step measured right after it on its figures; about 10 minutes. Run it under the lock:
+# calibrated, then the demo step measured right after it on its figures; about 3 minutes. Run it under the lock:
 # flock /tmp/topd-heavy.lock make bench-step-model
 .PHONY: bench-step-model
 bench-step-model: setup setup-sglang
