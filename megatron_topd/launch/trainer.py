@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         train(load_config(args.config, args.overrides + extra))
         parallel.destroy()
         code = preemption.REQUEUE_EXIT_CODE if preemption.stopped_early() else 0
-        if code == preemption.REQUEUE_EXIT_CODE and server_loss.reported(root):  # stopped for a lost server: bounded
-            code, message = server_loss.decide(out, server_loss.reported(root), lc.max_server_requeues)
+        lost = server_loss.reported(root) if code == preemption.REQUEUE_EXIT_CODE else []
+        if lost:  # stopped for a lost server: bounded
+            code, message = server_loss.decide(out, lost, lc.max_server_requeues)
             print(f"[trainer {endpoints.node_name()}] {message}", flush=True)
         if code == 0 and rank() == 0:
             removed = preemption.prune_temporary(Path(out) / "checkpoints")

@@ -101,6 +101,7 @@ class SGLangServer:
         self.port = port or free_port(self.bind)
         # A port we picked is free when picked, but SGLang binds it only after ~20 s of start-up, and meanwhile another
         # process (a second server's internal ports, a gloo store) can take it: then start again on a fresh port.
+        self._port_given = bool(port)  # a port the user gave is never changed
         self._port_retries = 0 if port else 3
         self.device = device
         self.dtype = dtype
@@ -241,11 +242,10 @@ class SGLangServer:
             if http_bind_failed:
                 url = self.url
                 self.stop()
-                raise ServerStartError(
-                    f"SGLang server {url} could not bind its port {self.port} (log: {self.log_path}): the port was "
-                    "given, so it is not changed; give a free port or none (one is picked).\n"
-                    f"--- log tail ---\n{self.log_tail()}"
-                )
+                why = ("the port was given, so it is not changed; give a free port or none (one is picked)"
+                       if self._port_given else "every port picked for it was taken before it could bind one")
+                raise ServerStartError(f"SGLang server {url} could not bind its port {self.port} "
+                                       f"(log: {self.log_path}): {why}.\n--- log tail ---\n{self.log_tail()}")
             if self.proc is None or code is not None:
                 raise ServerStartError(
                     f"SGLang server {self.url} exited with code {code} before becoming healthy "
