@@ -133,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0 or rank() == 0:
             endpoints.write_exit(root, code)
     if failed:  # a non-zero exit (75 too): srun --kill-on-bad-exit ends the other ranks; trainer.exit says why
-        return code
+        # Now, without the interpreter's teardown: a collective this rank abandoned beside a dead server (the weight
+        # sync's, rollout/weight_sync/admin.py) still blocks on its thread, and its group's destructor would abort the
+        # process (exit 134, not this code) or wait for the group's timeout. The logs are flushed; the run's files
+        # were closed as the error passed through the loop.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if code == preemption.REQUEUE_EXIT_CODE:
         # The exit file says 75. The process exits TOPD_STOP_EXIT_CODE: 0 under slurm/job.sh (which reads the file;
         # srun --kill-on-bad-exit must not cut the other ranks' ends short), 75 under NeMo-Run (whose script acts on

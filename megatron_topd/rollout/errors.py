@@ -20,3 +20,8 @@ class InvalidResponse(RolloutError):
 
 class WeightSyncError(RolloutError):
     """A server refused or failed a weight update; generation may still be paused on it."""
+
+
+class CollectiveAbandoned(WeightSyncError):
+    """A server failed while the trainer waited in a collective with it; the collective was left blocked on its own
+    thread, so its group must be neither reused nor destroyed (its destructor would wait for it)."""

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from megatron_topd.rollout import RequestFailed, SamplingParams, ServerStartError, SGLangClient, SGLangServer
+from megatron_topd.rollout import (RequestFailed, SamplingParams, ServerStartError, SGLangClient, SGLangServer,
+                                   WeightSyncError)
+from megatron_topd.rollout.weight_sync import DistributedWeightSync, admin
 from megatron_topd.testing.tiny_hf import hf_greedy
 
 from .conftest import await_load, sglang_python
@@ -48,6 +50,14 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
         dead = SGLangClient([victim.url], vocab_size=1000, max_retries=2, retry_backoff_s=0.01, server_cooldown_s=0.1)
         with pytest.raises(RequestFailed, match=r"(?s)failed on all 3 attempts.*connection error"):
             dead.generate([[1, 2, 3]], params)
+
+        # and a weight sync to it: the weight-update group's rendezvous ends at the failed call that was to bring the
+        # server in, not at the group's timeout (600 s, with every trainer rank held: the server never joins)
+        sync = DistributedWeightSync([victim.url], backend="gloo", timeout_s=600)
+        joining = admin.in_daemon_thread(sync.connect, name="test connect")
+        with pytest.raises(WeightSyncError, match=rf"(?s)init_weights_update_group abandoned: 1 of 1 servers failed.*"
+                                                  rf"{victim.url}/init_weights_update_group unreachable"):
+            joining.result(timeout=120)  # a bound on a failure, not a timing: unfixed, it blocks for 600 s
     finally:
         victim.stop()
 

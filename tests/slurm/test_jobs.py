@@ -10,8 +10,8 @@ a stock container image (slurm/bare_task.sh: no Slurm client, no slurm.conf, no 
    GraceTime sends) once the servers are up, which the servers hold; and its time limit cut to end before the run
    would (`scontrol update TimeLimit=`), whose new end the batch script hands over and on which deadline.py says stop.
    The trainer finishes step 1, checkpoints, exits 75 and the job requeues itself before that end. Attempt 2 (its
-   limit given back while it waits): the student server's SGLang process is killed (in its node's namespace) during
-   step 2; its role reports it, the trainer ends the attempt (trainer.exit 75) and the job requeues itself again.
+   limit given back while it waits): the student server's SGLang process is killed (in its node's namespace) once it
+   serves; its role reports it, the trainer ends the attempt (trainer.exit 75) and the job requeues itself again.
    Attempt 3 starts every server fresh, synced to the checkpoint of step 1, and runs steps 2 and 3. The job ends
    with the steps, checkpoints, rollout files and metrics lines of the uninterrupted run, none lost or doubled.
    Weight sync: distributed, over gloo from trainer rank 0 on
@@ -162,8 +162,8 @@ def epoch(slurm_time: str) -> float:
 @pytest.fixture(scope="module")
 def interrupted(cluster, assets, reference, tmp_path_factory):
     """The sbatch job through three stop requests in attempt 1 (SIGUSR1 while it plans, SIGTERM to every task and a
-    time limit cut mid-run, each leaving its own trace), its student server's SGLang killed mid-step (attempt 2) and
-    a final attempt: (job id, batch log, output dir, sacct steps, what the test saw). launch.stop_margin_s=160 (see
+    time limit cut mid-run, each leaving its own trace), its student server's SGLang killed once it serves (attempt
+    2) and a final attempt: (job id, batch log, output dir, sacct steps, what the test saw). launch.stop_margin_s=160 (see
     the cut)."""
     tmp_path = tmp_path_factory.mktemp("sbatch_faults")
     out = tmp_path / "run"
@@ -204,11 +204,15 @@ def interrupted(cluster, assets, reference, tmp_path_factory):
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True)  # for attempt 2
         seen["after_1"] = [r["step"] for r in metrics(out)]
         seen["temporary_1"] = (out / "checkpoints" / "step_00000001" / "PREEMPTION_CHECKPOINT").exists()
-        # Attempt 2 (Slurm holds a requeued job for AuthInfo's cred_expire, 10 s on the test cluster): once step 2's
-        # rollouts are written, SIGKILL the student server's SGLang in topdn3's namespace. Step 2 still needs it
-        # (windows, weight sync): the attempt ends and the job requeues itself.
-        step_2 = out / "rollouts" / "step_00000001.jsonl"
-        wait_until(lambda: restarts() == 1 and step_2.exists(), 300, "attempt 2's step 2 rollouts", on_timeout=debug)
+        # Attempt 2 (Slurm holds a requeued job for AuthInfo's cred_expire, 10 s on the test cluster): once its
+        # student server serves (endpoint published), SIGKILL its SGLang in topdn3's namespace. Every way the
+        # trainer can meet the loss ends the attempt and requeues the job, whatever it is doing then: still waiting
+        # for the endpoints (the role's report), or at its first call to the server (the resumed weights' sync,
+        # whose group rendezvous ends at the failed call, not at its 600-s timeout). It has trained nothing yet, so
+        # no step can end before the loss is met (killed after step 2's rollouts, as before, the kill could land
+        # after step 2's last call to the server on a fast machine: step 2 then ended and the stop check stopped).
+        wait_until(lambda: restarts() == 1 and attempt_published(out, job_id, 1), 300, "attempt 2's student server",
+                   on_timeout=debug)
         (victim,) = sglang_main_on("topdn3")
         os.kill(victim, 9)
         wait_until(lambda: restarts() >= 2 or job_field(job_id, "JobState") in ENDED, 300,
@@ -275,7 +279,7 @@ def test_sbatch_job_through_stop_requests_and_a_lost_server_requeues_and_equals_
     assert f"+ launch.stop_margin_s ({STOP_MARGIN_S} s): stopping with a checkpoint" in trainer_1, trainer_1
     assert seen["after_1"] == [1] and seen["temporary_1"] and seen["requeued_1"] < seen["end"], seen
     # Attempt 2: the student role reported its server's death; the trainer named it (role, node, log) and requeued
-    # from the checkpoint of step 1 (step 2, in flight, is lost; its metrics line was never written).
+    # from the checkpoint of step 1 (attempt 2 trained no step; no metrics line was written).
     named = re.search(r"the student server topdn3-0 on node topdn3 died \(exited with code -9 while serving; log: "
                       r"(\S+)\)\. Stopping this attempt: the job requeues, its servers start fresh and are synced to "
                       r"the checkpoint of step 1 ", trainer_2)

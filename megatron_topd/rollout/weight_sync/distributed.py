@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ...parallel import broadcast_object
-from ..errors import WeightSyncError
+from ..errors import CollectiveAbandoned, WeightSyncError
 from . import admin
 from .base import SyncStats, WeightSync, _rank, close_sessions
 from .buckets import flatten, iter_buckets, meta
@@ -63,6 +63,7 @@ class DistributedWeightSync(WeightSync):
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.pg = None
         self.stage_group = None
+        self.abandoned = False
 
     def connect(self, stage: int = 0) -> None:
         """Join pipeline stage `stage`'s group as its rank 0 (idempotent; the first push calls it)."""
@@ -77,25 +78,24 @@ class DistributedWeightSync(WeightSync):
             for i in range(len(self.urls))
         ]
         # One rendezvous at a time: a server joins groups one after another, in the order they are asked for.
-        with one_at_a_time(self.store, f"{self.group_name}/turn"), ThreadPoolExecutor(len(self.urls)) as pool:
-            futures = admin.submit_all(pool, self.urls, "/init_weights_update_group", payloads, timeout_s=self.timeout_s)
-            try:
-                self.pg = new_update_group(self.store, self.world_size, name, self.backend, self.timeout_s)
-            finally:
-                admin.wait_all(futures, "init_weights_update_group")
+        with one_at_a_time(self.store, f"{self.group_name}/turn"):
+            futures = admin.submit_all(self.urls, "/init_weights_update_group", payloads, timeout_s=self.timeout_s)
+            self.pg = admin.collective_beside_calls(
+                lambda: new_update_group(self.store, self.world_size, name, self.backend, self.timeout_s), futures,
+                "init_weights_update_group")
         self.stage_group = name
 
-    def _send_bucket(self, pool: ThreadPoolExecutor, names: dict, flat: torch.Tensor, version: str,
-                     flush: bool) -> None:
+    def _send_bucket(self, names: dict, flat: torch.Tensor, version: str, flush: bool) -> None:
         """The HTTP call to every server at once, and the broadcast they wait for."""
         payload = {**names, "group_name": self.stage_group, "load_format": "flattened_bucket", "flush_cache": flush,
                    "weight_version": version}
-        futures = admin.submit_all(pool, self.urls, "/update_weights_from_distributed", payload,
-                                   timeout_s=self.timeout_s)
+        futures = admin.submit_all(self.urls, "/update_weights_from_distributed", payload, timeout_s=self.timeout_s)
         try:
-            broadcast_from_rank0(flat, self.pg)
-        finally:
-            admin.wait_all(futures, "update_weights_from_distributed")
+            admin.collective_beside_calls(lambda: broadcast_from_rank0(flat, self.pg), futures,
+                                          "update_weights_from_distributed")
+        except CollectiveAbandoned:
+            self.abandoned = True  # the broadcast still blocks on its thread: close() must not destroy the group
+            raise
 
     def _push(self, named_tensors, version: str):
         """`sync`'s push: rank 0 alone, bucket after bucket, over stage 0's group."""
@@ -103,15 +103,14 @@ class DistributedWeightSync(WeightSync):
         admin.call_all(self.urls, "/begin_weight_update", {}, timeout_s=self.timeout_s)
         try:
             n = nbytes = nbuckets = 0
-            with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-                buckets = iter_buckets(named_tensors, self.bucket_bytes)
-                bucket = next(buckets)
-                while bucket is not None:
-                    following = next(buckets, None)
-                    flat = flatten(bucket, self.device)
-                    self._send_bucket(pool, meta(bucket), flat, version, flush=following is None)
-                    n, nbytes, nbuckets = n + len(bucket), nbytes + flat.numel(), nbuckets + 1
-                    bucket = following
+            buckets = iter_buckets(named_tensors, self.bucket_bytes)
+            bucket = next(buckets)
+            while bucket is not None:
+                following = next(buckets, None)
+                flat = flatten(bucket, self.device)
+                self._send_bucket(meta(bucket), flat, version, flush=following is None)
+                n, nbytes, nbuckets = n + len(bucket), nbytes + flat.numel(), nbuckets + 1
+                bucket = following
             admin.call_all(self.urls, "/end_weight_update", {}, timeout_s=self.timeout_s)
         except BaseException:
             close_sessions(self.urls)
@@ -175,18 +174,17 @@ class DistributedWeightSync(WeightSync):
 
         def send_all() -> None:
             error, first = None, True
-            with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-                while (item := ready.get()) is not None:
-                    if error is not None:
-                        continue  # keep taking buckets so the builder never blocks
-                    try:
-                        with one_at_a_time(self.store, f"{self.group_name}/turn"):
-                            # flush with the stage's first bucket: generation is paused, so nothing refills the cache
-                            # before the sync ends, and no look-ahead is needed to find the last bucket
-                            self._send_bucket(pool, item[0], item[1], version, flush=first)
-                    except BaseException as e:  # noqa: BLE001 - raised below, after the queue is drained
-                        error = e
-                    first = False
+            while (item := ready.get()) is not None:
+                if error is not None:
+                    continue  # keep taking buckets so the builder never blocks
+                try:
+                    with one_at_a_time(self.store, f"{self.group_name}/turn"):
+                        # flush with the stage's first bucket: generation is paused, so nothing refills the cache
+                        # before the sync ends, and no look-ahead is needed to find the last bucket
+                        self._send_bucket(item[0], item[1], version, flush=first)
+                except BaseException as e:  # noqa: BLE001 - raised below, after the queue is drained
+                    error = e
+                first = False
             if error is not None:
                 raise error
 
@@ -210,7 +208,8 @@ class DistributedWeightSync(WeightSync):
                     admin.call(url, "/destroy_weights_update_group", {"group_name": self.stage_group}, timeout_s=60)
                 except Exception:  # noqa: BLE001 - a dead server has no group left to destroy
                     pass
-            destroy(self.pg)
+            if not self.abandoned:
+                destroy(self.pg)
             self.pg = None
         self.store = None  # the last reference: the port is released
         self.closed = True

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 from . import admin
@@ -45,28 +44,25 @@ class TensorWeightSync(WeightSync):
 
     def _push_buckets(self, named_tensors, version: str):
         n = nbytes = nbuckets = 0
-        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            buckets = iter_buckets(named_tensors, self.bucket_bytes)
-            bucket = next(buckets)
-            while bucket is not None:
-                following = next(buckets, None)
-                owned = [(name, t.detach().clone()) for name, t in bucket]
-                # One payload per TP rank of each server: each rank opens its own handles (SGLang's convention).
-                payload = {
-                    "serialized_named_tensors": [serialize_named_tensors(owned) for _ in range(self.tp_size)],
-                    "load_format": None,
-                    "flush_cache": following is None,  # one KV-cache flush, after the last bucket
-                    "weight_version": version,
-                }
-                self._shm_pids.update(shm_manager_pids())
-                futures = admin.submit_all(pool, self.urls, "/update_weights_from_tensor", payload,
-                                           timeout_s=self.timeout_s)
-                admin.wait_all(futures, "update_weights_from_tensor")
-                n += len(owned)
-                nbytes += sum(t.numel() * t.element_size() for _, t in owned)
-                nbuckets += 1
-                del owned, payload
-                bucket = following
+        buckets = iter_buckets(named_tensors, self.bucket_bytes)
+        bucket = next(buckets)
+        while bucket is not None:
+            following = next(buckets, None)
+            owned = [(name, t.detach().clone()) for name, t in bucket]
+            # One payload per TP rank of each server: each rank opens its own handles (SGLang's convention).
+            payload = {
+                "serialized_named_tensors": [serialize_named_tensors(owned) for _ in range(self.tp_size)],
+                "load_format": None,
+                "flush_cache": following is None,  # one KV-cache flush, after the last bucket
+                "weight_version": version,
+            }
+            self._shm_pids.update(shm_manager_pids())
+            admin.call_all(self.urls, "/update_weights_from_tensor", payload, timeout_s=self.timeout_s)
+            n += len(owned)
+            nbytes += sum(t.numel() * t.element_size() for _, t in owned)
+            nbuckets += 1
+            del owned, payload
+            bucket = following
         admin.call_all(self.urls, "/end_weight_update", {}, timeout_s=self.timeout_s)
         return n, nbytes, nbuckets
 
