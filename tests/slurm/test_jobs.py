@@ -405,7 +405,9 @@ def test_a_killed_trainer_rank_fails_the_job_and_leaves_nothing(cluster, assets,
     calls went through (step 0's rollouts here; weight sync too in the requeue test's run); the key file is the job
     user's alone and in no log."""
     out = tmp_path / "run"
-    job_id, batch_log = submit(tmp_path, common_overrides(assets, out))
+    # More steps than the job can run before the kill, whatever the machine's speed: with the config's 2 steps a fast
+    # machine could end the job during the checks below, before any rank is killed.
+    job_id, batch_log = submit(tmp_path, [*common_overrides(assets, out), "train.steps=1000"])
     debug = lambda: slurm_debug(job_id, batch_log, out)  # noqa: E731
     try:
         wait_until(lambda: (out / "rollouts" / "step_00000000.jsonl").exists(), 300, "step 1's rollouts",
