@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 PROMPTS = [[88, 292, 383, 81, 225, 83], [5, 6, 7], [100] * 20]
 FILLER = [[17, 400 + i, 3, 9 * i + 1] for i in range(6)]  # other requests the server batches with PROMPTS
-FILLER_TOKENS = 120  # the prompts' 24 tokens (and a prefill) fit inside the filler's decode many times over
+FILLER_TOKENS = 200  # the prompts' 24 tokens (and a prefill) fit inside the filler's decode many times over
 SEED = 1234
 
 
@@ -41,14 +41,17 @@ def _ids(gens):
 
 
 async def _mixed(client: SGLangClient, seed: int):
-    """PROMPTS generated while the filler requests (started first, five times longer) share the server's batches:
-    sent once the server reports all the filler's samples in its scheduler and some running; the filler is still
-    out when every prompt is back."""
+    """PROMPTS generated while the filler requests (started first, eight times longer) share the server's batches:
+    sent once the server reports filler samples running, and the filler is still out when every prompt is back.
+
+    Not "all the filler's samples in the scheduler", as before: SGLang publishes its load at each prefill and every
+    15 decode iterations, and in one run of 20 the loads seen were (12 running, 0 waiting), then (0, 0): all 18 were
+    never reported together and the wait gave up. What the test needs is the overlap, which the assertion after the
+    prompts checks."""
     filler = asyncio.ensure_future(client.agenerate(
         FILLER, SamplingParams(max_new_tokens=FILLER_TOKENS, n=3, temperature=1.0, seed=seed + 1, ignore_eos=True)))
     await await_load(
-        client.urls[0], f"the filler's {3 * len(FILLER)} samples in the scheduler, some running",
-        lambda load: 0 < load["num_running_reqs"] == 3 * len(FILLER) - load["num_waiting_reqs"],
+        client.urls[0], "filler samples running", lambda load: load["num_running_reqs"] > 0,
         give_up=lambda: f"the filler finished first ({filler.exception() or 'no error'})" if filler.done() else None)
     gens = await client.agenerate(PROMPTS, _params(seed))
     assert not filler.done(), "the filler finished before the prompts: they were not generated beside it"
