@@ -18,7 +18,10 @@ pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 PROMPTS = [[88, 292, 383, 81, 225, 83], [5, 6, 7], [100] * 20]
 FILLER = [[17, 400 + i, 3, 9 * i + 1] for i in range(6)]  # other requests the server batches with PROMPTS
-FILLER_TOKENS = 200  # the prompts' 24 tokens (and a prefill) fit inside the filler's decode many times over
+# The prompts' 24 tokens (and a prefill) fit inside the filler's decode many times over. With 200, one run in 10
+# beside two CPU-burning processes saw no filler sample running before the filler was done (its load reports and
+# the test's polls starved).
+FILLER_TOKENS = 400
 SEED = 1234
 
 
@@ -41,7 +44,7 @@ def _ids(gens):
 
 
 async def _mixed(client: SGLangClient, seed: int):
-    """PROMPTS generated while the filler requests (started first, eight times longer) share the server's batches:
+    """PROMPTS generated while the filler requests (started first, far longer) share the server's batches:
     sent once the server reports filler samples running, and the filler is still out when every prompt is back.
 
     Not "all the filler's samples in the scheduler", as before: SGLang publishes its load at each prefill and every

@@ -15,6 +15,10 @@ from tests.integration.conftest import await_load, start_server
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 ROLLOUTS = [[(13 * i + j) % 990 + 5 for j in range(8)] for i in range(8)]
+# How long the first two rollouts run while the other six reach the scheduler. With 160, one run in 10 beside two
+# CPU-burning processes saw (2 running, 4 waiting) until the first two finished: SGLang's HTTP process, starved,
+# took longer to hand over the last two requests.
+ROLLOUT_TOKENS = 320
 
 
 async def _rollouts_done_while_window_waits(url: str, window_priority: int) -> tuple[int, int]:
@@ -28,7 +32,8 @@ async def _rollouts_done_while_window_waits(url: str, window_priority: int) -> t
         finished.append(i)
 
     rollouts = asyncio.ensure_future(client.agenerate(
-        ROLLOUTS, SamplingParams(max_new_tokens=160, temperature=0.0, ignore_eos=True), on_prompt_done=rollout_done,
+        ROLLOUTS, SamplingParams(max_new_tokens=ROLLOUT_TOKENS, temperature=0.0, ignore_eos=True),
+        on_prompt_done=rollout_done,
         priority=ROLLOUT_PRIORITY))
     await await_load(
         url, "all eight rollouts in the scheduler (2 running, 6 waiting)",
