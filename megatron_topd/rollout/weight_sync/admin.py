@@ -97,8 +97,9 @@ def collective_beside_calls(collective: Callable[[], T], futures: list[Future], 
     wait([done, *futures], return_when=FIRST_EXCEPTION)
     refused = [f for f in futures if f.done() and f.exception() is not None]
     if refused and not done.done():
-        raise CollectiveAbandoned(f"{what} abandoned: {len(refused)} of {len(futures)} servers failed while the trainer "
-                              "waited in the collective with them:\n  " + "\n  ".join(str(f.exception()) for f in refused))
+        raise CollectiveAbandoned(
+            f"{what} abandoned: {len(refused)} of {len(futures)} servers failed while the trainer waited in the "
+            "collective with them:\n  " + "\n  ".join(str(f.exception()) for f in refused))
     try:
         value = done.result()
     finally:
