@@ -81,6 +81,13 @@ RUNS ?= 20
 test-repeat: setup setup-sglang
 	$(PY) scripts/repeat_tests.py --runs $(RUNS) $(if $(BURN),--burn) $(TESTS)
 
+# The requeue test's Slurm fault job RUNS times on one local cluster, against one uninterrupted reference (issue 22):
+# about 3.5 minutes a run on 2 cores, plus the cluster and the reference (2 minutes). BURN=1 as above.
+.PHONY: test-repeat-job
+test-repeat-job: setup setup-sglang setup-nemorun setup-slurm
+	$(if $(BURN),$(PY) scripts/repeat_tests.py --burn-beside -- )$(PY) -m pytest -q -p no:cacheprovider --durations=0 \
+		tests/slurm/test_jobs.py -k "scontrol or lost_server" --job-runs $(RUNS)
+
 # TOPD on the demo task with a teacher of another tokenizer (issue 27, docs/remote_teacher.md "A run on the demo
 # task"): the demo's trained teacher behind its own character-level tokenizer, 60 steps; not part of make test.
 # Under the lock: flock /tmp/topd-heavy.lock make demo-cross [ARGS="train.steps=120"]

@@ -6,6 +6,11 @@ Without TEST it repeats the timing-sensitive ones (priority, determinism, failur
 process beside them (one busy loop per core), the load under which a wait that leans on timing gives way. Each run is
 a fresh pytest process (fresh servers, nothing carried over); a summary table, and the failures' last lines, are
 printed at the end and written to `--out` as JSON. `make test-repeat RUNS=20 BURN=1` runs it.
+
+    python scripts/repeat_tests.py --burn-beside -- COMMAND ...
+
+runs one command beside the burners instead (`make test-repeat-job BURN=1`: the Slurm fault job, which repeats
+itself in one pytest session with --job-runs).
 """
 from __future__ import annotations
 
@@ -31,18 +36,38 @@ def _burn() -> None:
         pass
 
 
+def burners_started() -> list[multiprocessing.Process]:
+    burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(os.cpu_count() or 1)]
+    for b in burners:
+        b.start()
+    return burners
+
+
+def burn_beside(command: list[str]) -> int:
+    burners = burners_started()
+    try:
+        return subprocess.run(command, cwd=REPO).returncode
+    finally:
+        for b in burners:
+            b.terminate()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tests", nargs="*", default=TIMING_SENSITIVE)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--burn", action="store_true", help="a busy loop per core beside the tests")
     ap.add_argument("--out", default="runs/repeat_tests.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--burn-beside", action="store_true", help="run the command after -- once beside the burners")
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.burn_beside:
+        if not command:
+            ap.error("--burn-beside needs the command after --")
+        return burn_beside(command)
 
-    burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(os.cpu_count() or 1)] \
-        if args.burn else []
-    for b in burners:
-        b.start()
+    burners = burners_started() if args.burn else []
     results: dict[str, list[dict]] = {t: [] for t in args.tests}
     try:
         for run in range(args.runs):

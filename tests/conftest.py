@@ -9,6 +9,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--job-runs", type=int, default=1,
+                     help="run the Slurm tier's fault job N times in one session, its tests against each run; the "
+                          "cluster and the uninterrupted reference are made once (make test-repeat-job)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer-running test (CI runs them all)")
     config.addinivalue_line("markers", "sglang: needs the .venv-sglang environment and starts a real SGLang server")

@@ -31,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def pytest_generate_tests(metafunc):
+    """--job-runs N: the fixtures that take `job_run` (the fault job) are made N times, each run's tests against it."""
+    runs = metafunc.config.getoption("--job-runs")
+    if runs > 1 and "job_run" in metafunc.fixturenames:
+        metafunc.parametrize("job_run", range(1, runs + 1), scope="module", ids=lambda n: f"job{n}")
+
+
+@pytest.fixture(scope="module")
+def job_run() -> int:
+    """Which run of a repeated job this is: 1 unless --job-runs repeats it (then parametrized, see above)."""
+    return 1
+
+
 def node_processes(node: str) -> list[str]:
     """`pid command` of every process in a node's network namespace except its slurmd (the job's leftovers)."""
     pids = subprocess.run(["ip", "netns", "pids", f"topdsl-{node}"], capture_output=True, text=True).stdout.split()

@@ -160,12 +160,12 @@ def epoch(slurm_time: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def interrupted(cluster, assets, reference, tmp_path_factory):
+def interrupted(cluster, assets, reference, tmp_path_factory, job_run):
     """The sbatch job through three stop requests in attempt 1 (SIGUSR1 while it plans, SIGTERM to every task and a
     time limit cut mid-run, each leaving its own trace), its student server's SGLang killed once it serves (attempt
     2) and a final attempt: (job id, batch log, output dir, sacct steps, what the test saw). launch.stop_margin_s=160 (see
     the cut)."""
-    tmp_path = tmp_path_factory.mktemp("sbatch_faults")
+    tmp_path = tmp_path_factory.mktemp(f"sbatch_faults_{job_run}")
     out = tmp_path / "run"
     job_id, batch_log = submit(tmp_path, [*common_overrides(assets, out), "launch.network_interface=topd0", STEPS,
                                           f"launch.stop_margin_s={STOP_MARGIN_S}"],
