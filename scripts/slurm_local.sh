@@ -218,6 +218,13 @@ AccountingStorageHost=localhost
 AccountingStoragePort=$dbd_port
 JobCompType=jobcomp/none
 KillWait=10
+# Four nodes share this machine's cores with the jobs' trainer ranks and SGLang servers: a slurmd can answer late.
+# At the default 10 s, one fault job in a loop of 20 (make test-repeat-job) lost its trainer step on one node:
+# slurmctld logged "Nodes topdn1 not responding" (its ping timed out), 18 s later that node's slurmstepd cancelled the
+# step's tasks there (SIGTERM, SIGKILL after KillWait) with no kill request in slurmctld's log - srun's check of a
+# step reported missing, we read - and the job requeued once more than its faults asked. A dedicated cluster answers
+# in milliseconds; 60 s only slows the detection of a node that died.
+MessageTimeout=60
 MinJobAge=600
 InactiveLimit=0
 EOF
