@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import faulthandler
 import os
+import socket
 import threading
 import time
 
@@ -52,12 +55,23 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
             dead.generate([[1, 2, 3]], params)
 
         # and a weight sync to it: the weight-update group's rendezvous ends at the failed call that was to bring the
-        # server in, not at the group's timeout (600 s, with every trainer rank held: the server never joins)
-        sync = DistributedWeightSync([victim.url], backend="gloo", timeout_s=600)
-        joining = admin.in_daemon_thread(sync.connect, name="test connect")
-        with pytest.raises(WeightSyncError, match=rf"(?s)init_weights_update_group abandoned: 1 of 1 servers failed.*"
-                                                  rf"{victim.url}/init_weights_update_group unreachable"):
-            joining.result(timeout=120)  # a bound on a failure, not a timing: unfixed, it blocks for 600 s
+        # server in, not at the group's timeout (600 s, with every trainer rank held: the server never joins). The
+        # dead server's port is held first (bound, never listening: refused at once), so nothing that starts meanwhile
+        # can listen there, the sync's own store and gloo sockets included (their ports are the OS's choice). Once in
+        # 20 runs without this hold, the call hung past 120 s (cause not established: a new listener on the freed
+        # port fits; the stacks below are dumped if it comes back).
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as hold:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the dead server's TIME_WAIT entries
+            hold.bind(("127.0.0.1", int(victim.url.rsplit(":", 1)[1])))  # fails if something listens there now
+            sync = DistributedWeightSync([victim.url], backend="gloo", timeout_s=600)
+            joining = admin.in_daemon_thread(sync.connect, name="test connect")
+            with pytest.raises(WeightSyncError, match=rf"(?s)init_weights_update_group abandoned: 1 of 1 servers "
+                                                      rf"failed.*{victim.url}/init_weights_update_group unreachable"):
+                try:
+                    joining.result(timeout=120)  # a bound on a failure, not a timing: unfixed, it blocks for 600 s
+                except concurrent.futures.TimeoutError:
+                    faulthandler.dump_traceback(all_threads=True)  # where it waits, in the test's captured stderr
+                    raise
     finally:
         victim.stop()
 
