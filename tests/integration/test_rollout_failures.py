@@ -57,9 +57,9 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
         # and a weight sync to it: the weight-update group's rendezvous ends at the failed call that was to bring the
         # server in, not at the group's timeout (600 s, with every trainer rank held: the server never joins). The
         # dead server's port is held first (bound, never listening: refused at once), so nothing that starts meanwhile
-        # can listen there, the sync's own store and gloo sockets included (their ports are the OS's choice). Once in
-        # 20 runs without this hold, the call hung past 120 s (cause not established: a new listener on the freed
-        # port fits; the stacks below are dumped if it comes back).
+        # can listen there, the sync's own store and gloo sockets included (their ports are the OS's choice). Twice
+        # this call hung past 120 s; the stacks dumped below showed why (the turn lock's release queued behind the
+        # rendezvous on one store client: fixed, and forced in tests/unit/test_weight_sync_abandon.py).
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as hold:
             hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the dead server's TIME_WAIT entries
             hold.bind(("127.0.0.1", int(victim.url.rsplit(":", 1)[1])))  # fails if something listens there now

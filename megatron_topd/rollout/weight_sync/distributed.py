@@ -58,6 +58,8 @@ class DistributedWeightSync(WeightSync):
         self.world_size = 1 + len(self.urls) * tp_size
         # Rank 0 listens (bound now, on every interface; master_port 0: the OS's choice) and tells the others.
         self.store = listen(master_port, self.world_size, self.timeout_s) if _rank() == 0 else None
+        self.hosts_store = self.store is not None
+        self.group_store = None  # the group's own client of the store (`connect`)
         self.master_port, self.group_name = broadcast_object(
             (self.store.port, f"megatron_topd_weights_{uuid.uuid4().hex[:8]}") if self.store is not None else None)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -71,6 +73,11 @@ class DistributedWeightSync(WeightSync):
             return
         if self.store is None:
             self.store = connect_store(self.master_address, self.master_port, self.timeout_s)
+        # The group's rendezvous (and NCCL's first broadcast) on a client of its own: a store client serves one
+        # request at a time, and the rendezvous waits on it for the servers' keys. On the turn lock's client, a server
+        # dying mid-rendezvous held the lock's release, and so the CollectiveAbandoned, for the store's timeout.
+        self.group_store = connect_store("127.0.0.1" if self.hosts_store else self.master_address, self.master_port,
+                                         self.timeout_s)
         name = f"{self.group_name}_pp{stage}"
         payloads = [
             {"master_address": self.master_address, "master_port": self.master_port, "rank_offset": 1 + i * self.tp_size,
@@ -81,8 +88,8 @@ class DistributedWeightSync(WeightSync):
         with one_at_a_time(self.store, f"{self.group_name}/turn"):
             futures = admin.submit_all(self.urls, "/init_weights_update_group", payloads, timeout_s=self.timeout_s)
             self.pg = admin.collective_beside_calls(
-                lambda: new_update_group(self.store, self.world_size, name, self.backend, self.timeout_s), futures,
-                "init_weights_update_group")
+                lambda: new_update_group(self.group_store, self.world_size, name, self.backend, self.timeout_s),
+                futures, "init_weights_update_group")
         self.stage_group = name
 
     def _send_bucket(self, names: dict, flat: torch.Tensor, version: str, flush: bool) -> None:
@@ -211,5 +218,5 @@ class DistributedWeightSync(WeightSync):
             if not self.abandoned:
                 destroy(self.pg)
             self.pg = None
-        self.store = None  # the last reference: the port is released
+        self.store = self.group_store = None  # the last references: the port is released
         self.closed = True

@@ -27,7 +27,8 @@ def listen(port: int, world_size: int, timeout_s: float) -> "torch.distributed.T
 
 
 def connect_store(master_address: str, port: int, timeout_s: float) -> "torch.distributed.TCPStore":
-    """A client of rank 0's store (`listen`), for the other pipeline stages' pushing ranks (any trainer node)."""
+    """A client of rank 0's store (`listen`): for the other pipeline stages' pushing ranks (any trainer node), and for
+    each group's rendezvous, which must not share the lock's client (`one_at_a_time`)."""
     return torch.distributed.TCPStore(master_address, port, None, False, timedelta(seconds=timeout_s))
 
 
@@ -35,7 +36,8 @@ def connect_store(master_address: str, port: int, timeout_s: float) -> "torch.di
 def one_at_a_time(store: "torch.distributed.TCPStore", name: str):
     """A first-come-first-served lock across processes, on the store: a ticket from `store.add`, then a wait for
     the previous ticket's release key (the store's timeout bounds the wait). One store client per holder: a client
-    blocked in `wait` cannot send anything else."""
+    blocked in `wait` cannot send anything else, so nothing held inside the lock may wait on this client either (the
+    release would queue behind it)."""
     ticket = store.add(f"{name}/ticket", 1)
     if ticket > 1:
         store.wait([f"{name}/released/{ticket - 1}"])
