@@ -30,7 +30,10 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
         DiskWeightSync([victim.url], tmp_path / "sync").sync(iter(rollout_target.state.items()), rollout_target.version)
         client = SGLangClient([rollout_target.url, victim.url], vocab_size=1000, max_retries=3, retry_backoff_s=0.05)
         prompts = [[(17 * i + j) % 1000 for j in range(3 + i % 5)] for i in range(16)]
-        params = SamplingParams(max_new_tokens=64, temperature=0.0, ignore_eos=True)
+        # 192 new tokens: the victim decodes long enough for the load poll to see the batch running there; at 64,
+        # beside two CPU burners, 3 runs in 8 saw (0, 0) once and then the batch finished
+        new_tokens = 192
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         victim_slot = next(s for s in client.pool._servers if s.url == victim.url)
 
         async def run():
@@ -47,7 +50,7 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
         assert len(gens) == len(prompts) and all(len(row) == 1 for row in gens)
         hf = rollout_target.hf()
         for prompt, row in zip(prompts, gens):  # greedy: the retried answers are exactly the ones HF gives
-            assert row[0].token_ids == hf_greedy(hf, prompt, 64, eos_id=None)[0]
+            assert row[0].token_ids == hf_greedy(hf, prompt, new_tokens, eos_id=None)[0]
 
         # only the dead server left: a clear error after bounded retries, not a hang
         dead = SGLangClient([victim.url], vocab_size=1000, max_retries=2, retry_backoff_s=0.01, server_cooldown_s=0.1)
