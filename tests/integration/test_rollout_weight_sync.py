@@ -16,6 +16,7 @@ from megatron_topd.rollout import SamplingParams
 from megatron_topd.rollout.records import records_from_generations
 from megatron_topd.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
 from megatron_topd.testing.tiny_hf import hf_greedy, load_hf_model, random_state_dict
+from megatron_topd.testing.waits import wait_until
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -41,14 +42,11 @@ def assert_serves(target, state, version: str) -> None:
 
 def wait_until_decoding(url: str, timeout_s: float = 60.0) -> None:
     """Block until the server reports running requests (SGLang's /v1/loads), instead of sleeping a guessed time."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def running() -> int:
         with urllib.request.urlopen(f"{url}/v1/loads?include=core", timeout=5) as response:
-            loads = json.load(response)["loads"]
-        if sum(load.get("num_running_reqs", 0) for load in loads) > 0:
-            return
-        time.sleep(0.02)  # polling interval of a wait on the server's reported load (deadline above)
-    raise AssertionError(f"no request started decoding on {url} within {timeout_s} s")
+            return sum(load.get("num_running_reqs", 0) for load in json.load(response)["loads"])
+
+    wait_until(running, timeout_s, f"a request decoding on {url}", poll_s=0.02)
 
 
 def test_disk_sync_pauses_and_continues_generation_in_flight(rollout_target, tmp_path):

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -115,16 +114,6 @@ def job_field(job_id: str, field: str) -> str:
         if token.startswith(field + "="):
             return token.split("=", 1)[1]
     return ""
-
-
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.5, on_timeout=lambda: ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)  # polling interval of a wait on what Slurm or the job reports (deadline above)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{on_timeout()}")
 
 
 def sacct_steps(job_id: str) -> list[dict]:

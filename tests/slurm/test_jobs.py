@@ -39,8 +39,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_topd.testing.waits import wait_until
 from tests.slurm.conftest import (NEMORUN_PYTHON, NODES, REPO, TRAINER_PYTHON, asset_overrides, job_field,
-                                  node_processes, sacct_steps, tail, wait_until)
+                                  node_processes, sacct_steps, tail)
 
 CONFIG = "examples/topd_cpu_slurm.yaml"
 STEPS = "train.steps=3"  # the reference and the interrupted job: one step per attempt of the latter

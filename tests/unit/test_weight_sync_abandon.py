@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 
 from megatron_topd.rollout.errors import CollectiveAbandoned
 from megatron_topd.rollout.weight_sync import DistributedWeightSync, admin
 from megatron_topd.rollout.weight_sync.process_group import connect_store
+from megatron_topd.testing.waits import wait_until
 
 STORE_TIMEOUT_S = 120  # the bug's wait; the test's bound below is a bound on a failure, not a timing
-
-
-def _until(condition, what: str, deadline_s: float = 60.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up after {deadline_s} s waiting for {what}")
-        time.sleep(0.01)  # a polling interval of a wait with a deadline, not synchronisation
 
 
 def test_server_dying_mid_rendezvous_abandons_the_group_at_once():
@@ -48,7 +40,8 @@ def test_server_dying_mid_rendezvous_abandons_the_group_at_once():
     assert observer.num_keys() == 0
     joining = admin.in_daemon_thread(sync.connect, name="test connect")
     # the turn's ticket, then rank 0's address in the group's store: the rendezvous now waits for the server's
-    _until(lambda: called.is_set() and observer.num_keys() >= 2, "the call to arrive and rank 0 to publish its address")
+    wait_until(lambda: called.is_set() and observer.num_keys() >= 2, 60, "the call to arrive and rank 0 to publish its address",
+               poll_s=0.01)
     die.set()
     with pytest.raises(CollectiveAbandoned, match=rf"(?s)init_weights_update_group abandoned: 1 of 1 servers failed"
                                                   rf".*{url}/init_weights_update_group unreachable"):
@@ -57,5 +50,5 @@ def test_server_dying_mid_rendezvous_abandons_the_group_at_once():
     assert observer.get(f"{sync.group_name}/turn/released/1") == b"1"
     # nothing left behind: closing the store ends the abandoned rendezvous' wait (its thread is a daemon either way)
     sync.close()
-    _until(lambda: not any(t.name == "init_weights_update_group" for t in threading.enumerate()),
-           "the abandoned rendezvous' thread to end once the store is closed")
+    wait_until(lambda: not any(t.name == "init_weights_update_group" for t in threading.enumerate()), 60,
+               "the abandoned rendezvous' thread to end once the store is closed", poll_s=0.01)
