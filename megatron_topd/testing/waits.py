@@ -4,6 +4,7 @@ Tests synchronise on events (a server's load, a store's keys, Slurm's job state)
 the one polling loop they share."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -21,3 +22,9 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, poll_s: 
             return value
         time.sleep(poll_s)  # polling interval of a wait on what a process reports (deadline above)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{on_timeout()}".rstrip())
+
+
+def threads_since(earlier: set[threading.Thread], name: str) -> list[threading.Thread]:
+    """The live threads called ``name`` that were not in ``earlier`` (``set(threading.enumerate())`` taken before):
+    a test checks what it left behind, not what earlier tests in the same process did."""
+    return [t for t in set(threading.enumerate()) - earlier if t.name == name]

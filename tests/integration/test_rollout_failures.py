@@ -15,6 +15,7 @@ from megatron_topd.rollout import (RequestFailed, SamplingParams, ServerStartErr
                                    WeightSyncError)
 from megatron_topd.rollout.weight_sync import DistributedWeightSync, admin
 from megatron_topd.testing.tiny_hf import hf_greedy
+from megatron_topd.testing.waits import threads_since, wait_until
 
 from .conftest import await_load, sglang_python
 
@@ -67,6 +68,7 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
             hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the dead server's TIME_WAIT entries
             hold.bind(("127.0.0.1", int(victim.url.rsplit(":", 1)[1])))  # fails if something listens there now
             sync = DistributedWeightSync([victim.url], backend="gloo", timeout_s=600)
+            earlier = set(threading.enumerate())
             joining = admin.in_daemon_thread(sync.connect, name="test connect")
             with pytest.raises(WeightSyncError, match=rf"(?s)init_weights_update_group abandoned: 1 of 1 servers "
                                                       rf"failed.*{victim.url}/init_weights_update_group unreachable"):
@@ -75,6 +77,10 @@ def test_server_killed_mid_batch_retries_elsewhere_without_loss_or_duplicates(ro
                 except concurrent.futures.TimeoutError:
                     faulthandler.dump_traceback(all_threads=True)  # where it waits, in the test's captured stderr
                     raise
+                finally:
+                    sync.close()  # ends the abandoned rendezvous' wait: nothing of it left in this process
+            wait_until(lambda: not threads_since(earlier, "init_weights_update_group"), 60,
+                       "the abandoned rendezvous' thread to end once the sync is closed", poll_s=0.05)
     finally:
         victim.stop()
 

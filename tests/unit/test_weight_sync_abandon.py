@@ -16,7 +16,7 @@ import pytest
 from megatron_topd.rollout.errors import CollectiveAbandoned
 from megatron_topd.rollout.weight_sync import DistributedWeightSync, admin
 from megatron_topd.rollout.weight_sync.process_group import connect_store
-from megatron_topd.testing.waits import wait_until
+from megatron_topd.testing.waits import threads_since, wait_until
 
 STORE_TIMEOUT_S = 120  # the bug's wait; the test's bound below is a bound on a failure, not a timing
 
@@ -38,10 +38,11 @@ def test_server_dying_mid_rendezvous_abandons_the_group_at_once():
     sync = DistributedWeightSync([url], backend="gloo", timeout_s=STORE_TIMEOUT_S)
     observer = connect_store("127.0.0.1", sync.master_port, 30)
     assert observer.num_keys() == 0
+    earlier = set(threading.enumerate())  # threads of other tests in this process (e.g. an integration test's sync)
     joining = admin.in_daemon_thread(sync.connect, name="test connect")
     # the turn's ticket, then rank 0's address in the group's store: the rendezvous now waits for the server's
-    wait_until(lambda: called.is_set() and observer.num_keys() >= 2, 60, "the call to arrive and rank 0 to publish its address",
-               poll_s=0.01)
+    wait_until(lambda: called.is_set() and observer.num_keys() >= 2, 60,
+               "the call to arrive and rank 0 to publish its address", poll_s=0.01)
     die.set()
     with pytest.raises(CollectiveAbandoned, match=rf"(?s)init_weights_update_group abandoned: 1 of 1 servers failed"
                                                   rf".*{url}/init_weights_update_group unreachable"):
@@ -50,5 +51,5 @@ def test_server_dying_mid_rendezvous_abandons_the_group_at_once():
     assert observer.get(f"{sync.group_name}/turn/released/1") == b"1"
     # nothing left behind: closing the store ends the abandoned rendezvous' wait (its thread is a daemon either way)
     sync.close()
-    wait_until(lambda: not any(t.name == "init_weights_update_group" for t in threading.enumerate()), 60,
+    wait_until(lambda: not threads_since(earlier, "init_weights_update_group"), 60,
                "the abandoned rendezvous' thread to end once the store is closed", poll_s=0.01)
