@@ -2,10 +2,8 @@
 and the new weight_version comes back in every rollout record."""
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 
 import psutil
 import pytest
@@ -17,6 +15,7 @@ from megatron_topd.rollout.records import records_from_generations
 from megatron_topd.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, TensorWeightSync
 from megatron_topd.testing.tiny_hf import hf_greedy, load_hf_model, random_state_dict
 from megatron_topd.testing.waits import wait_until
+from tests.integration.conftest import server_load
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -42,11 +41,7 @@ def assert_serves(target, state, version: str) -> None:
 
 def wait_until_decoding(url: str, timeout_s: float = 60.0) -> None:
     """Block until the server reports running requests (SGLang's /v1/loads), instead of sleeping a guessed time."""
-    def running() -> int:
-        with urllib.request.urlopen(f"{url}/v1/loads?include=core", timeout=5) as response:
-            return sum(load.get("num_running_reqs", 0) for load in json.load(response)["loads"])
-
-    wait_until(running, timeout_s, f"a request decoding on {url}", poll_s=0.02)
+    wait_until(lambda: server_load(url)["num_running_reqs"], timeout_s, f"a request decoding on {url}", poll_s=0.02)
 
 
 def test_disk_sync_pauses_and_continues_generation_in_flight(rollout_target, tmp_path):
