@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from megatron_topd.demo import REPO, asset_overrides, build_assets, run_summary, torchrun, world_size
@@ -146,6 +147,24 @@ def local_ot(cfg, student_urls: list[str], teacher_urls: list[str], states: list
                           student.continue_prefixes(states, seed=2 * PROBE_SEED + 1, **kw),
                           lambda ids: table[ids], position_weight=cfg.topd.ot_position_weight).distance
     return {"local_ot": float(d.mean()), "local_low_share": float((d < LOW_OT).double().mean()), "states": len(d)}
+
+
+def measure_baseline(cfg, student_urls: list[str], teacher_urls: list[str], tokenizer, path: Path) -> None:
+    """The held-out accuracy of the initial student (and of the teacher, eval.teacher) on freshly started servers,
+    written once for every run of the arm (eval.baseline_file): 25 runs from one student would otherwise decode the
+    same held-out set 50 times to measure the same start."""
+    from megatron_topd.rollout import SGLangClient
+    from megatron_topd.train.evaluation import write_baseline
+    from megatron_topd.train.setup import held_out_eval
+
+    heldout = held_out_eval(cfg, tokenizer)
+    vocab = json.loads((Path(cfg.train.student_hf_path) / "config.json").read_text())["vocab_size"]
+    client = partial(SGLangClient, vocab_size=vocab, context_length=cfg.rollout.context_length, progress=False)
+    accuracies = {"heldout_accuracy": heldout.accuracy(client(student_urls))}
+    if cfg.eval.teacher:
+        accuracies["teacher_heldout_accuracy"] = heldout.accuracy(client(teacher_urls))
+    write_baseline(path, heldout_path=cfg.eval.heldout_path, student=cfg.train.student_checkpoint,
+                   accuracies=accuracies)
 
 
 def teacher_embeddings(teacher_hf: Path):
@@ -343,6 +362,16 @@ def plot(path: Path, results: dict) -> None:
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
+def share_student(root: Path, siblings: list[Path]) -> None:
+    """Start a teacher arm's asset folder from another arm's: the arms share the data and the student's recipe, so
+    task_assets keeps the copied student (its stamp matches) and trains only this arm's teacher."""
+    if root.exists():
+        return
+    done = next((s for s in siblings if (s / "assets.json").is_file()), None)
+    if done is not None:
+        shutil.copytree(done, root)
+
+
 def run_arm(args, config: str, paths: dict, out: Path, variants: list[str], seeds: list[int], n_states: int) -> dict:
     """Every (seed, variant) run of one asset set on one pair of servers; the local OT before (the servers' initial
     student) and after each run (the servers hold the run's last weights); returns the arm's runs and table."""
@@ -357,15 +386,19 @@ def run_arm(args, config: str, paths: dict, out: Path, variants: list[str], seed
     # Seed-major order: an interrupted experiment has every variant at the seeds it finished.
     runs = [(seed, variant) for seed in seeds for variant in variants]
     todo = [(s, v) for s, v in runs if args.fresh or not run_finished(out / f"{v}-seed{s}", cfg.train.steps)]
-    before_path = out / "local_ot_before.json"
+    before_path, baseline_path = out / "local_ot_before.json", out / "baseline.json"
     measure = n_states > 0 and (todo or not before_path.is_file())
     servers = LaunchedServers(cfg) if todo or measure else None
+    tokenizer = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
     try:
         if servers is not None:
             student_urls, teacher_urls = servers.start()
             urls = [f"rollout.urls=[{','.join(student_urls)}]", f"teacher.urls=[{','.join(teacher_urls)}]"]
+        if todo and cfg.eval.enabled:  # the servers were just started from the initial student: its start, once
+            if args.fresh or not baseline_path.is_file():
+                measure_baseline(cfg, student_urls, teacher_urls, tokenizer, baseline_path)
+            urls.append(f"eval.baseline_file={baseline_path}")
         if measure:  # the servers were just started from the initial student
-            tokenizer = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
             states = probe_states(str(paths["heldout"]), tokenizer, n_states)
             table = teacher_embeddings(paths["teacher_hf"])
             if args.fresh or not before_path.is_file():
@@ -422,8 +455,11 @@ def main(argv=None) -> int:
         if bad:
             raise SystemExit(f"--arms: unknown {bad}; preset {args.preset} has {', '.join(preset.arms)}")
         extra = shlex.split(args.asset_args)
-        plan = {arm: (build_assets(out / f"assets_{arm}", ["--task", preset.task, "--teacher-arm", arm, *extra]),
-                      out / arm) for arm in arms}
+        plan = {}
+        for arm in arms:
+            root = out / f"assets_{arm}"
+            share_student(root, [out / f"assets_{a}" for a in preset.arms if a != arm])
+            plan[arm] = (build_assets(root, ["--task", preset.task, "--teacher-arm", arm, *extra]), out / arm)
     elif args.assets:
         paths = asset_paths(args.assets)
         if not paths["report"].is_file():

@@ -101,6 +101,10 @@ class RolloutConfig:
         for i, port in enumerate(self.ports):
             _int_in(f"ports[{i}]", port, 1, 65535)
         _int_at_least("tp_size", self.tp_size, 1)
+        for i, arg in enumerate(self.extra_server_args):
+            if not isinstance(arg, str):  # a dotted override [--max-total-tokens,16384] parses the number as an int
+                raise ValueError(f"rollout.extra_server_args[{i}]={arg!r} is not a string: quote it, e.g. "
+                                 '\'rollout.extra_server_args=["--max-total-tokens","16384"]\'')
         for name in ("deterministic", "windows_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rollout.{name}={getattr(self, name)!r}: use true or false")

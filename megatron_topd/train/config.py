@@ -48,6 +48,9 @@ class EvalConfig:
     max_new_tokens: int | None = None  # None: rollout.max_new_tokens
     limit: int | None = None  # evaluate the first `limit` rows only
     teacher: bool = True  # also evaluate the teacher once, before training (the ceiling the table shows)
+    # The start's accuracies measured once for several runs from the same initial student and held-out set (an
+    # experiment's arm: train/evaluation.py write_baseline); empty: every run measures them before its first step
+    baseline_file: str = ""
 
     def validate(self) -> None:
         from megatron_topd.tasks import check_task
@@ -59,6 +62,9 @@ class EvalConfig:
             raise ValueError(f"eval.max_new_tokens={self.max_new_tokens}: use an integer >= 1 or null")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"eval.limit={self.limit}: use an integer >= 1 or null")
+        if self.baseline_file and not Path(self.baseline_file).is_file():
+            raise FileNotFoundError(f"eval.baseline_file={self.baseline_file} does not exist: write it with "
+                                    "train.evaluation.write_baseline, or leave it empty to measure the start")
         if self.heldout_path and not Path(self.heldout_path).is_file():
             raise FileNotFoundError(f"eval.heldout_path={self.heldout_path} does not exist: write the held-out "
                                     "problems there (JSONL with prompt and answer) or leave it empty")

@@ -3,6 +3,10 @@ answer checker (megatron_topd/tasks). What a user of a distillation run wants to
 at the task, not only closer to the teacher."""
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 from megatron_topd.train.config import EvalConfig
 
 
@@ -37,3 +41,32 @@ class HeldOutEval:
             text = self.tokenizer.decode(row[0].token_ids, skip_special_tokens=True)
             correct += self.task.is_correct(text, answer)
         return correct / len(self.answers)
+
+
+def write_baseline(path: str | Path, *, heldout_path: str, student: str, accuracies: dict) -> None:
+    """Record the start's held-out accuracies (`accuracies`: heldout_accuracy and, optionally,
+    teacher_heldout_accuracy) for every run that starts from ``student`` (train.student_checkpoint) and evaluates
+    ``heldout_path``: such runs read it (eval.baseline_file) instead of decoding the same set again."""
+    Path(path).write_text(json.dumps({"heldout_path": str(Path(heldout_path).resolve()),
+                                      "student": str(Path(student).resolve()), **accuracies}, indent=1))
+
+
+def read_baseline(cfg: EvalConfig, student: str, *, teacher_too: bool) -> dict:
+    """The step-0 metrics from ``cfg.baseline_file``, after checking it was measured for this run's held-out set and
+    initial student (a baseline of other runs would put a wrong start in every table)."""
+    path = cfg.baseline_file
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"eval.baseline_file={path}: not a readable JSON file ({e})") from e
+    for field, mine in (("heldout_path", cfg.heldout_path), ("student", student)):
+        if data.get(field) != str(Path(mine).resolve()):
+            raise ValueError(f"eval.baseline_file={path} was measured with {field}={data.get(field)!r}, this run has "
+                             f"{Path(mine).resolve()}: measure this run's start (leave eval.baseline_file empty)")
+    wanted = ["heldout_accuracy"] + (["teacher_heldout_accuracy"] if teacher_too else [])
+    for key in wanted:
+        value = data.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"eval.baseline_file={path}: {key}={value!r} must be an accuracy in [0, 1]"
+                             + (" (or set eval.teacher=false)" if key.startswith("teacher") else ""))
+    return {key: float(data[key]) for key in wanted}

@@ -34,6 +34,7 @@ from megatron_topd.train.batches import (guidance_microbatches, pad_multiple, pa
                                          windows_per_row)
 from megatron_topd.train.dealing import deal_rows, to_last_stage
 from megatron_topd.train.distill_step import distill_step
+from megatron_topd.train.evaluation import read_baseline
 from megatron_topd.train.guard import NonFiniteError, agree_on_nonfinite
 from megatron_topd.train.handoffs import PassStats, ProbeOutcome, RolloutRows
 from megatron_topd.train.metrics import step_metrics, sync_metrics
@@ -48,7 +49,7 @@ def train(cfg: Config) -> list[dict]:
     """Run `cfg.train.steps` TOPD steps; returns the per-step metrics (on every rank)."""
     with set_up(cfg) as run:
         if cfg.eval.enabled and run.start_step == 0:                                          # 0. baseline
-            run.logger.log(0, evaluate_heldout(run, teacher_too=cfg.eval.teacher))
+            run.logger.log(0, evaluate_start(run))
         history = []
         for step in range(run.start_step, cfg.train.steps):
             metrics, batch = train_step(run, step)
@@ -248,6 +249,15 @@ def evaluate_heldout(run: Run, teacher_too: bool = False) -> dict | None:
         if teacher_too:
             out["teacher_heldout_accuracy"] = run.heldout.accuracy(run.teacher_client)
     return parallel.broadcast_object(out)
+
+
+def evaluate_start(run: Run) -> dict | None:
+    """Held-out accuracy before the first step: measured, or read from eval.baseline_file when it was measured once
+    for every run that starts from this student (an experiment's arm)."""
+    cfg = run.cfg
+    if cfg.eval.baseline_file:
+        return read_baseline(cfg.eval, cfg.train.student_checkpoint, teacher_too=cfg.eval.teacher)
+    return evaluate_heldout(run, teacher_too=cfg.eval.teacher)
 
 
 def save_checkpoint_if_due(run: Run, step: int, batch: StepBatch) -> bool:

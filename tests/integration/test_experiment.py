@@ -1,7 +1,8 @@
 """`megatron-topd experiment` end to end on real SGLang CPU servers (started once) and the demo's task at a small
-recipe: held-out accuracy is measured on the servers exactly as transformers measures it, every run starts from the
-same student (the reused servers are re-synced), with deterministic servers a seed's step-1 rollouts are the same in
-every variant (paired seeds), the local OT of the probe states is measured, and the report is written."""
+recipe: held-out accuracy is measured on the servers exactly as transformers measures it (the start once, for every
+run), every run starts from the same student (the reused servers are re-synced), with deterministic servers a seed's
+step-1 rollouts are the same in every variant (paired seeds), the local OT of the probe states is measured, and the
+report is written."""
 from __future__ import annotations
 
 import json
@@ -42,19 +43,23 @@ def test_experiment_runs_variants_on_shared_servers_and_reports(tmp_path, task_a
     n_heldout = len(open(task_assets["heldout"]).read().splitlines())
     student = hf_accuracy(task_assets["student_hf"], task_assets["heldout"])
     teacher = hf_accuracy(task_assets["teacher_hf"], task_assets["heldout"])
+    # The start is measured once, on the freshly started servers, and every run logs it as its step 0: greedy
+    # decoding on the servers, checked by the task, equals transformers' greedy accuracy.
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert baseline["heldout_accuracy"] == pytest.approx(student)
+    assert baseline["teacher_heldout_accuracy"] == pytest.approx(teacher)
     for variant, r in rows.items():
         assert [row["step"] for row in r] == [0, 1, 2]
-        # Greedy decoding on the student's server, checked by the task, equals transformers' greedy accuracy; the
-        # second run (opd) starts from the initial student although the first run trained the servers' weights.
-        assert r[0]["heldout_accuracy"] == pytest.approx(student)
-        assert r[0]["teacher_heldout_accuracy"] == pytest.approx(teacher)
+        assert r[0]["heldout_accuracy"] == baseline["heldout_accuracy"]
+        assert r[0]["teacher_heldout_accuracy"] == baseline["teacher_heldout_accuracy"]
         assert r[1]["rollout_weight_version"] == 0.0 and r[2]["rollout_weight_version"] == 1.0
         for row in r[1:]:  # evaluated after every step (eval.interval=1): a count of the held-out problems solved
             solved = row["heldout_accuracy"] * n_heldout
             assert "eval_s" in row and solved == pytest.approx(round(solved), abs=1e-9), (row, n_heldout)
         assert (out / f"{variant}-seed3" / "metrics.png").is_file()
     assert rows["topd"][1]["candidates"] > 0 and rows["opd"][1]["candidates"] == 0
-    # paired seeds: the same step-1 rollouts in both variants (sampled at temperature 1: the samples differ)
+    # paired seeds: the same step-1 rollouts in both variants (sampled at temperature 1: the samples differ); so the
+    # second run (opd) started from the initial student although the first run trained the servers' weights
     step1 = {v: [(r.prompt_ids, r.response_ids) for r in read_records(out / f"{v}-seed3" / "rollouts" /
                                                                       "step_00000000.jsonl")] for v in rows}
     assert step1["topd"] == step1["opd"] and len({tuple(r) for _, r in step1["opd"]}) > 1

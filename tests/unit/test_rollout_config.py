@@ -32,6 +32,8 @@ def test_defaults_validate():
         (dict(pause_mode="stop"), r"rollout\.pause_mode='stop'"),
         (dict(top_k=0), r"rollout\.top_k=0: use an integer >= 1 \(or -1 for off\)"),
         (dict(max_retries=True), r"rollout\.max_retries=True"),
+        (dict(extra_server_args=["--max-total-tokens", 16384]),
+         r"rollout\.extra_server_args\[1\]=16384 is not a string: quote it"),
     ],
 )
 def test_bad_fields_are_named(kw, match):
