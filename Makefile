@@ -54,7 +54,8 @@ demo: setup setup-sglang
 	$(PY) -m megatron_topd.cli demo --config examples/cpu_demo.yaml
 
 # The TOPD-vs-OPD comparison (5 variants x 3 seeds on the demo's task; docs/results.md). ARGS: e.g. --seeds 0,1,2,3
-# PRESET=surface: the surface-form task, two teacher arms, 5 variants x 5 paired seeds (issue 26; docs/results.md)
+# PRESET=surface: the surface-form task, two teacher arms, 5 variants x 5 paired seeds (issue 26; docs/results.md;
+# 89.7 min on 2 cores, assets included)
 experiment: setup setup-sglang
 	$(PY) -m megatron_topd.cli experiment $(if $(PRESET),--preset $(PRESET)) $(ARGS)
 
