@@ -37,7 +37,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from megatron_topd.demo import REPO, asset_overrides, build_assets, run_summary, torchrun, world_size
@@ -131,18 +130,23 @@ def probe_states(heldout_path: str, tokenizer, n: int) -> list[list[int]]:
     return states
 
 
+def server_clients(cfg, vocab: int, student_urls: list[str], teacher_urls: list[str]):
+    """Clients of the arm's student and teacher servers for the experiment's own measurements (no progress bars)."""
+    from megatron_topd.rollout import SGLangClient
+
+    return tuple(SGLangClient(urls, vocab_size=vocab, context_length=cfg.rollout.context_length, progress=False)
+                 for urls in (student_urls, teacher_urls))
+
+
 def local_ot(cfg, student_urls: list[str], teacher_urls: list[str], states: list[list[int]], table) -> dict:
     """The paper's local OT on the probe states: the teacher's and the student's servers each continue every state for
     topd.window tokens (fixed seeds) and the windows' OT distance is measured as in training (teacher's embedding
     table, topd.ot_position_weight). Returns the mean and the share below `LOW_OT`."""
-    from megatron_topd.rollout import SGLangClient
     from megatron_topd.topd.divergence import window_divergence
 
     kw = dict(max_new_tokens=cfg.topd.window, n=cfg.topd.samples_per_side, temperature=cfg.topd.sampling_temperature,
               top_p=cfg.topd.probe_top_p)
-    vocab = int(table.shape[0])
-    teacher = SGLangClient(teacher_urls, vocab_size=vocab, context_length=cfg.rollout.context_length, progress=False)
-    student = SGLangClient(student_urls, vocab_size=vocab, context_length=cfg.rollout.context_length, progress=False)
+    student, teacher = server_clients(cfg, int(table.shape[0]), student_urls, teacher_urls)
     d = window_divergence(teacher.continue_prefixes(states, seed=2 * PROBE_SEED, **kw),
                           student.continue_prefixes(states, seed=2 * PROBE_SEED + 1, **kw),
                           lambda ids: table[ids], position_weight=cfg.topd.ot_position_weight).distance
@@ -153,16 +157,15 @@ def measure_baseline(cfg, student_urls: list[str], teacher_urls: list[str], toke
     """The held-out accuracy of the initial student (and of the teacher, eval.teacher) on freshly started servers,
     written once for every run of the arm (eval.baseline_file): 25 runs from one student would otherwise decode the
     same held-out set 50 times to measure the same start."""
-    from megatron_topd.rollout import SGLangClient
     from megatron_topd.train.evaluation import write_baseline
     from megatron_topd.train.setup import held_out_eval
 
     heldout = held_out_eval(cfg, tokenizer)
     vocab = json.loads((Path(cfg.train.student_hf_path) / "config.json").read_text())["vocab_size"]
-    client = partial(SGLangClient, vocab_size=vocab, context_length=cfg.rollout.context_length, progress=False)
-    accuracies = {"heldout_accuracy": heldout.accuracy(client(student_urls))}
+    student, teacher = server_clients(cfg, vocab, student_urls, teacher_urls)
+    accuracies = {"heldout_accuracy": heldout.accuracy(student)}
     if cfg.eval.teacher:
-        accuracies["teacher_heldout_accuracy"] = heldout.accuracy(client(teacher_urls))
+        accuracies["teacher_heldout_accuracy"] = heldout.accuracy(teacher)
     write_baseline(path, heldout_path=cfg.eval.heldout_path, student=cfg.train.student_checkpoint,
                    accuracies=accuracies)
 
@@ -389,15 +392,15 @@ def run_arm(args, config: str, paths: dict, out: Path, variants: list[str], seed
     before_path, baseline_path = out / "local_ot_before.json", out / "baseline.json"
     measure = n_states > 0 and (todo or not before_path.is_file())
     servers = LaunchedServers(cfg) if todo or measure else None
-    tokenizer = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
     try:
-        if servers is not None:
+        if servers is not None:  # every measurement below, and every run, needs them
             student_urls, teacher_urls = servers.start()
-            urls = [f"rollout.urls=[{','.join(student_urls)}]", f"teacher.urls=[{','.join(teacher_urls)}]"]
+            tokenizer = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
+            arm_overrides = [f"rollout.urls=[{','.join(student_urls)}]", f"teacher.urls=[{','.join(teacher_urls)}]"]
         if todo and cfg.eval.enabled:  # the servers were just started from the initial student: its start, once
             if args.fresh or not baseline_path.is_file():
                 measure_baseline(cfg, student_urls, teacher_urls, tokenizer, baseline_path)
-            urls.append(f"eval.baseline_file={baseline_path}")
+            arm_overrides.append(f"eval.baseline_file={baseline_path}")
         if measure:  # the servers were just started from the initial student
             states = probe_states(str(paths["heldout"]), tokenizer, n_states)
             table = teacher_embeddings(paths["teacher_hf"])
@@ -406,7 +409,7 @@ def run_arm(args, config: str, paths: dict, out: Path, variants: list[str], seed
         for seed, variant in todo:
             run_dir = out / f"{variant}-seed{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            cmd = torchrun(config, [*base, *VARIANTS[variant], *urls, f"train.seed={seed}",
+            cmd = torchrun(config, [*base, *VARIANTS[variant], *arm_overrides, f"train.seed={seed}",
                                     f"train.output_dir={run_dir}"], world)
             print(f"== {variant} seed {seed}: {' '.join(cmd)}", flush=True)
             code = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
